@@ -1,0 +1,317 @@
+"""The recipe: a typed, nested configuration loaded strictly.
+
+A recipe is a YAML file with the sections below. Loading is strict: an unknown key, a wrong type or an out-of-range
+value is an error that names the key, the section and what is allowed, and every problem is reported at once.
+`KEY=VALUE` overrides address any field by its dotted path (`ppo.mini_batch_size=8`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf.errors import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("EleutherAI/gpt-neox-20b", description="hub id, local directory, or fixture:NAME")
+    revision: str | None = None
+    quantization: Literal["8bit", "4bit", "none"] = "8bit"
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of everything that is not quantized (embeddings, LayerNorms are kept fp32)"
+    )
+    llm_int8_threshold: float = Field(6.0, ge=0.0)
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query_key_value"], min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+
+
+class DataConfig(Section):
+    dataset: str = Field("stanfordnlp/imdb", description="hub id, local file or directory, or fixture:NAME")
+    config_name: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    text_column: str = "text"
+    min_chars: int = Field(0, ge=0, description="drop documents shorter than this many characters")
+    max_documents: int | None = Field(None, ge=1, description="use only the first N documents (after filtering)")
+
+
+class SftConfig(Section):
+    block_size: int = Field(1024, ge=8)
+    pack: bool = Field(True, description="join documents with EOS and cut into blocks; false: one document a block")
+    batch_size: int = Field(1, ge=1, description="micro-batch per device")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    seed: int = 0
+
+
+class MergeConfig(Section):
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    max_shard_size: str = "2GB"
+    tolerance: float = Field(5e-2, gt=0, description="max |merged - (base + adapter)| logit difference allowed")
+
+
+class GenerationConfig(Section):
+    min_new_tokens: int = Field(4, ge=1, description="response lengths are drawn uniformly from [min, max]")
+    max_new_tokens: int = Field(16, ge=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k: sample from the whole distribution")
+    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    stop_at_eos: bool = Field(False, description="false: responses run to their drawn length even past EOS")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+
+class PpoConfig(Section):
+    batch_size: int = Field(256, ge=1, description="prompts per PPO step")
+    mini_batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
+    rollout_batch_size: int = Field(64, ge=1, description="sequences generated and scored at once (memory)")
+    ppo_epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(1.41e-5, gt=0)
+    optimizer: Literal["adam", "adam_8bit"] = "adam"
+    max_grad_norm: float | None = Field(None, gt=0)
+    max_steps: int = Field(100, ge=1, description="PPO steps (batches of prompts)")
+    init_kl_coef: float = Field(0.2, ge=0)
+    adaptive_kl: bool = True
+    target_kl: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_advantages: bool = True
+    score_clip: float | None = Field(None, gt=0)
+    score_scale: float = 1.0
+    score_norm: bool = False
+    prompt_min_tokens: int = Field(2, ge=1)
+    prompt_max_tokens: int = Field(8, ge=1)
+    prompt_min_chars: int = Field(200, ge=0, description="only documents longer than this become prompts")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(dropout=0.0))
+    gradient_checkpointing: bool = True
+    save_steps: int = Field(10, ge=1)
+    sample_every: int = Field(5, ge=1)
+    eval_prompts: int = Field(64, ge=0)
+    nonfinite_patience: int = Field(3, ge=1, description="stop after this many non-finite batches in a row")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batches(self) -> PpoConfig:
+        problems = []
+        if self.mini_batch_size > self.batch_size:
+            problems.append(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size ({self.batch_size})")
+        elif self.batch_size % self.mini_batch_size:
+            problems.append(
+                f"batch_size ({self.batch_size}) must be exactly divisible by mini_batch_size ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            problems.append(
+                f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        if self.prompt_min_tokens > self.prompt_max_tokens:
+            problems.append(
+                f"prompt_min_tokens ({self.prompt_min_tokens}) must be <= prompt_max_tokens ({self.prompt_max_tokens})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class RewardConfig(Section):
+    name: str = Field("imdb-sentiment", description="a reward_models/NAME.yaml or a path to such a file")
+
+
+class BudgetConfig(Section):
+    gpu: str | None = Field(None, description="memory to plan against when not running here: rtx4090, 24GiB, ...")
+
+
+class Recipe(Section):
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    ppo: PpoConfig = Field(default_factory=PpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def recipes_dir() -> Path:
+    """Shipped recipes: inside the wheel (rlhf/recipes) or, in a source checkout, the repository's recipes/."""
+    for candidate in (PACKAGE_DIR / "recipes", PACKAGE_DIR.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    return PACKAGE_DIR / "recipes"
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str) -> Path | None:
+    """A path to a YAML file, or the name of a shipped recipe; None when neither exists."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = recipes_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file() and "/" not in name_or_path:
+        return shipped
+    return None
+
+
+def _model_for(path: tuple[str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for key in path:
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = loc[:-1]
+        model = _model_for(section)
+        valid = ", ".join(model.model_fields) if model else "?"
+        where = f"section '{'.'.join(section)}'" if section else "the top level"
+        return f"unknown key '{key}'; valid keys in {where}: {valid}"
+    if kind == "value_error":
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+        return f"'{key}': {message}" if key else message
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    if kind == "literal_error":
+        return f"'{key}' is {shown}; {error['msg'].lower()}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"'{key}' is {shown}, which is not valid: {error['msg'].lower()}"
+    return f"'{key}' is {shown}: {error['msg'].lower()}"
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build a Recipe from a mapping; all problems become one UserError."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        if len(problems) == 1:
+            raise UserError(f"{source}: {problems[0]}") from None
+        raise UserError(f"{source} has {len(problems)} problems: " + "; ".join(problems)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"cannot read '{item}': overrides are KEY=VALUE, e.g. ppo.mini_batch_size=8")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"cannot read '{item}': overrides are KEY=VALUE with a dotted key, e.g. lora.rank=8")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted KEY=VALUE in the raw mapping; unknown keys are left for validation to report together."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: depth + 1])
+                raise UserError(f"cannot set '{'.'.join(path)}': '{dotted}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: malformed YAML ({problem}); fix the file and run again") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections (model:, lora:, ...), not {type(data).__name__}")
+    return data
+
+
+def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a shipped recipe by name, or a recipe file, apply overrides, and validate strictly."""
+    raw: dict[str, Any] = {}
+    source = "recipe"
+    if name_or_path is not None:
+        path = find_recipe(name_or_path)
+        if path is None:
+            raise UserError(
+                f"no recipe '{name_or_path}': not a file, and not one of the shipped recipes "
+                f"({', '.join(available_recipes())})"
+            )
+        raw = read_yaml(path)
+        source = str(path) if path.parent != recipes_dir() else f"recipe '{path.stem}'"
+        raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, source)

@@ -1,0 +1,42 @@
+"""Errors the command line turns into one clear line and an exit code.
+
+A `UserError` is a mistake the user can fix (bad recipe, missing file, wrong order of steps): exit 2.
+`DoesNotFit` means the memory budget says the step will not fit the device: exit 3.
+Anything else is a bug in rlhf and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class DoesNotFit(Exception):
+    """The memory-budget pre-flight predicts the step will not fit; `report` is the rendered budget."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: str = ""):
+        super().__init__(message)
+        self.report = report
+
+
+def explain(exc: BaseException) -> tuple[str, int]:
+    """One line and an exit code for an exception that is not a UserError: known environment failures read as such,
+    anything else is reported as a bug (exit 1, traceback shown)."""
+    import errno
+
+    name = type(exc).__name__
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):  # an error of ours that knows its exit code (e.g. a failed merge self-check)
+        return str(exc), code
+    if name == "OutOfMemoryError":
+        return (
+            "out of GPU memory; run `rlhf budget` for this step and apply its suggestions "
+            "(smaller mini-batch, gradient checkpointing, 4-bit), or retry with --auto-fit",
+            3,
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full while writing ({exc.filename or 'output'}); free space and rerun with --resume", 2
+    return f"{name}: {exc} (this is a bug in rlhf; the traceback is above)", 1

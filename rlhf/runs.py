@@ -1,0 +1,127 @@
+"""The run directory: where each step reads its inputs and writes its outputs (DESIGN.md, "Run directory contract").
+
+    RUN/recipe.yaml  sft/adapter  sft/metrics.jsonl  merged/  ppo/adapter  ppo/checkpoints/step-N  ppo/metrics.jsonl
+
+With no `--run`, `sft` starts a new directory under runs/ and every step after it works on the most recent one,
+recorded as the symlink runs/latest (or the text file runs/LATEST where symlinks are not available).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rlhf.config import Recipe, validate
+from rlhf.errors import UserError
+from rlhf.io import atomic_write_text
+
+
+def runs_root() -> Path:
+    """Where new runs go and runs/latest lives: ./runs, or $RLHF_RUNS."""
+    return Path(os.environ.get("RLHF_RUNS", "runs"))
+
+
+
+@dataclass(frozen=True)
+class Run:
+    root: Path
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def sft_dir(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def sft_adapter(self) -> Path:
+        return self.root / "sft" / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def ppo_dir(self) -> Path:
+        return self.root / "ppo"
+
+    @property
+    def ppo_adapter(self) -> Path:
+        return self.root / "ppo" / "adapter"
+
+    @property
+    def ppo_checkpoints(self) -> Path:
+        return self.root / "ppo" / "checkpoints"
+
+    def load_recipe(self) -> Recipe:
+        if not self.recipe_path.is_file():
+            raise UserError(f"{self.root} is not an rlhf run (no recipe.yaml); start one with `rlhf sft --run {self.root}`")
+        try:
+            raw = yaml.safe_load(self.recipe_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{self.recipe_path} is not valid YAML ({exc}); restore it or start a new run") from None
+        return validate(raw, str(self.recipe_path))
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        atomic_write_text(self.recipe_path, recipe.to_yaml())
+
+
+def _latest_link(root: Path) -> Path:
+    return root / "latest"
+
+
+def mark_latest(run: Run, root: Path | None = None) -> None:
+    """Point runs/latest at this run, replacing the old pointer in one rename."""
+    root = root or runs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(run.root.resolve(), root.resolve())
+    tmp = root / f".latest.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, _latest_link(root))
+    except OSError:
+        atomic_write_text(root / "LATEST", str(run.root.resolve()) + "\n")
+
+
+def latest_run(root: Path | None = None) -> Run | None:
+    root = root or runs_root()
+    link = _latest_link(root)
+    if link.is_symlink() and link.resolve().is_dir():
+        return Run(link.resolve())
+    record = root / "LATEST"
+    if record.is_file():
+        path = Path(record.read_text().strip())
+        if path.is_dir():
+            return Run(path)
+    return None
+
+
+def new_run_dir(recipe: Recipe, root: Path | None = None) -> Run:
+    root = root or runs_root()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{recipe.name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{recipe.name}-{stamp}-{n}"
+    return Run(path)
+
+
+def existing_run(run_dir: str | None, step: str) -> Run:
+    """The run a later step works on: the one named, or the most recent one."""
+    if run_dir is not None:
+        run = Run(Path(run_dir))
+        if not run.root.is_dir():
+            raise UserError(f"run directory '{run_dir}' does not exist; start a run with `rlhf sft --run {run_dir}`")
+        return run
+    run = latest_run()
+    if run is None:
+        raise UserError(f"no run to {step}: pass --run DIR, or start one with `rlhf sft`")
+    return run

@@ -1,0 +1,97 @@
+"""Every shipped recipe and reward spec loads and validates; recipe errors name the key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf.config import available_recipes, load_recipe, recipes_dir
+from rlhf.errors import UserError
+from rlhf.rewards import available_rewards, load_spec
+
+EXPECTED_RECIPES = {"gpt-neox-20b", "quickstart", "memorize"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_RECIPES))
+def test_shipped_recipe_loads(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    text = (recipes_dir() / f"{name}.yaml").read_text()
+    assert text.startswith("# rlhf "), "each recipe starts with the command that runs it"
+
+
+def test_all_recipes_shipped():
+    assert EXPECTED_RECIPES <= set(available_recipes())
+
+
+@pytest.mark.parametrize("name", ["imdb-sentiment", "quickstart-sentiment"])
+def test_shipped_reward_specs_load(name):
+    spec = load_spec(name)
+    assert spec.label == "POSITIVE" and spec.score == "logit"
+
+
+def test_reference_hyperparameters():
+    r = load_recipe("gpt-neox-20b")
+    assert (r.lora.rank, r.lora.alpha, r.lora.dropout, r.lora.target_modules) == (16, 32, 0.05, ["query_key_value"])
+    assert r.model.quantization == "8bit" and r.sft.block_size == 1024 and r.sft.gradient_checkpointing
+    p = r.ppo
+    assert (p.learning_rate, p.batch_size, p.mini_batch_size, p.ppo_epochs) == (1.41e-5, 256, 16, 4)
+    assert (p.init_kl_coef, p.target_kl, p.kl_horizon, p.gamma, p.lam) == (0.2, 6, 10000, 1.0, 0.95)
+    assert (p.cliprange, p.cliprange_value, p.vf_coef) == (0.2, 0.2, 0.1)
+    assert (p.prompt_min_tokens, p.prompt_max_tokens, p.prompt_min_chars) == (2, 8, 200)
+    g = p.generation
+    assert (g.top_k, g.top_p, g.min_new_tokens, g.max_new_tokens, g.stop_at_eos) == (0, 1.0, 4, 16, False)
+
+
+def test_override_sets_nested_value():
+    r = load_recipe("quickstart", ["ppo.mini_batch_size=8", "ppo.generation.max_new_tokens=12", "lora.target_modules=[a,b]"])
+    assert r.ppo.mini_batch_size == 8 and r.ppo.generation.max_new_tokens == 12
+    assert r.lora.target_modules == ["a", "b"]
+
+
+def test_typo_names_key_section_and_valid_keys():
+    with pytest.raises(UserError) as e:
+        load_recipe("quickstart", ["lora.rnak=8"])
+    msg = str(e.value)
+    assert "'lora.rnak'" in msg and "rank" in msg and "alpha" in msg and "\n" not in msg
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(UserError) as e:
+        load_recipe("quickstart", ["lora.rank=abc"])
+    assert "'lora.rank'" in str(e.value) and "'abc'" in str(e.value) and "integer" in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(UserError) as e:
+        load_recipe("quickstart", ["lora.rank=0", "sft.learning_rate=-1", "model.quantization=3bit", "foo=1"])
+    msg = str(e.value)
+    assert "4 problems" in msg
+    for key in ("lora.rank", "sft.learning_rate", "model.quantization", "'foo'"):
+        assert key in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["ppo.mini_batch_size=300"], "mini_batch_size (300) must be <= batch_size (64)"),
+        (["ppo.batch_size=10", "ppo.mini_batch_size=4"], "batch_size (10) must be exactly divisible by mini_batch_size (4)"),
+        (["ppo.generation.min_new_tokens=20"], "min_new_tokens (20) must be <= max_new_tokens (16)"),
+    ],
+)
+def test_cross_field_checks_show_both_values(overrides, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe("quickstart", overrides)
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(UserError) as e:
+        load_recipe("no-such-recipe")
+    assert "quickstart" in str(e.value) and "gpt-neox-20b" in str(e.value)
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: x\n lora: [\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(str(bad))
+    assert "line" in str(e.value) and "malformed YAML" in str(e.value)
