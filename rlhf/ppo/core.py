@@ -1,0 +1,410 @@
+"""PPO maths as small pure functions on tensors.
+
+Shapes: per-token tensors are [batch, response_len]; `mask` is 1.0 on real response tokens and 0.0 on padding.
+Everything is computed in fp32 whatever the input dtype. Sign conventions: rewards and advantages are "higher is
+better"; losses are to be minimised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KL_KINDS = ("k1", "k3", "abs", "mse")
+KL_CONTROLLER_KINDS = ("adaptive", "fixed")
+
+# Tokens (rows of the vocabulary axis) turned into fp32 at a time. gpt-neox-20b's vocabulary is 50,432 wide, so a
+# full fp32 log_softmax of a 256 x 24 rollout is 1.2 GB on a 24 GB card that already holds the model; one chunk of
+# 512 tokens is 0.1 GB.
+DEFAULT_CHUNK_TOKENS = 512
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """`a // b`, or a ValueError when `b` does not divide `a`; `what` names both, as "batch_size / mini_batch_size"."""
+    a_name, _, b_name = (part.strip() for part in what.partition("/"))
+    b_name = b_name or "the divisor"
+    if b <= 0:
+        raise ValueError(f"{b_name} ({b}) must be a positive integer")
+    if a % b != 0:
+        raise ValueError(f"{a_name} ({a}) must be exactly divisible by {b_name} ({b})")
+    return a // b
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probs and entropy from logits, chunked
+
+
+def _chunks(batch: int, length: int, chunk_tokens: int) -> Iterator[tuple[slice, slice]]:
+    """(batch, time) slices covering [batch, length] with at most `chunk_tokens` tokens each.
+
+    Slicing (not reshaping) keeps each chunk a view: logits cut as `out.logits[:, p:-1]` are not contiguous, and a
+    reshape of them would copy the whole tensor.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens ({chunk_tokens}) must be a positive integer")
+    if length <= chunk_tokens:
+        rows = max(1, chunk_tokens // max(length, 1))
+        for b in range(0, batch, rows):
+            yield slice(b, b + rows), slice(None)
+    else:
+        for b in range(batch):
+            for t in range(0, length, chunk_tokens):
+                yield slice(b, b + 1), slice(t, t + chunk_tokens)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(token) = logit[token] - logsumexp(logits), computed and differentiated one fp32 chunk at a time.
+
+    Plain autograd through `logsumexp(chunk.float())` would keep every chunk's fp32 copy alive for the backward pass,
+    i.e. a full fp32 [B, T, V] tensor after all. Here only the input logits (held by the caller anyway) and the
+    [B, T] logsumexp are saved; the softmax is recomputed chunk by chunk in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, tokens: Tensor, chunk_tokens: int) -> Tensor:
+        batch, length, _ = logits.shape
+        out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for bs, ts in _chunks(batch, length, chunk_tokens):
+            chunk = logits[bs, ts].float()
+            lse[bs, ts] = torch.logsumexp(chunk, dim=-1)
+            out[bs, ts] = chunk.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1) - lse[bs, ts]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.chunk_tokens = chunk_tokens
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        logits, tokens, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for bs, ts in _chunks(logits.shape[0], logits.shape[1], ctx.chunk_tokens):
+            g = grad_out[bs, ts].float().unsqueeze(-1)
+            # d/dx (x[tok] - logsumexp(x)) = onehot(tok) - softmax(x)
+            grad = -g * torch.exp(logits[bs, ts].float() - lse[bs, ts].unsqueeze(-1))
+            grad.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), g)
+            grad_logits[bs, ts] = grad.to(logits.dtype)
+        return grad_logits, None, None
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
+    """fp32 log-prob of each of `tokens` [B, T] under `logits` [B, T, V] (any float dtype); differentiable.
+
+    At most one chunk of `chunk_tokens` x V is ever held in fp32, in forward and in backward.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} must agree on [batch, time]")
+    return _TokenLogprobs.apply(logits, tokens.long(), chunk_tokens)
+
+
+def entropy_from_logits(logits: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
+    """fp32 entropy [B, T] of the categorical distribution given by `logits` [B, T, V].
+
+    Meant for logging (under `torch.no_grad()`), where at most one fp32 chunk exists; with autograd enabled, each
+    chunk's fp32 softmax is kept for backward.
+    """
+    batch, length, _ = logits.shape
+    out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+    for bs, ts in _chunks(batch, length, chunk_tokens):
+        logp = torch.log_softmax(logits[bs, ts].float(), dim=-1)
+        p = logp.exp()
+        # 0 * log 0 counts as 0: a -inf logit (a masked-out token) must not turn the entropy into nan.
+        # Slice assignment into `out` stays differentiable.
+        out[bs, ts] = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masked statistics
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` over positions where `mask` is 1 (all of them, or along `dim`); an all-zero mask gives nan."""
+    keep = mask.bool()
+    # where(), not x * mask: a padded inf or nan times 0 is still nan.
+    kept = torch.where(keep, x.float(), 0.0)
+    if dim is None:
+        return kept.sum() / keep.sum()
+    return kept.sum(dim) / keep.sum(dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of `x` over the positions where `mask` is 1 (Bessel-corrected when `unbiased`)."""
+    n = int(mask.bool().sum())
+    if n == 0 or (unbiased and n == 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} unmasked values, got {n}")
+    centered = x.float() - masked_mean(x, mask)
+    var = masked_mean(centered**2, mask)
+    return var * n / (n - 1) if unbiased else var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """`x` scaled to unit variance (and zero mean when `shift_mean`) over real tokens; padded positions become 0.
+
+    Statistics come from real tokens only: padding would otherwise pull the mean towards 0 and shrink the variance by
+    a batch-dependent amount, so the same sequence would get different advantages depending on its neighbours.
+    """
+    mean = masked_mean(x, mask)
+    whitened = (x.float() - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0.0)
+
+
+class RunningMoments:
+    """Mean and variance of every value seen so far, merged batch by batch (Chan et al.'s parallel update).
+
+    Kept in Python floats (float64) so that thousands of small batches do not drift, and so `state_dict()` is plain
+    JSON-able data for checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def var(self) -> float:
+        """Unbiased (n - 1) variance, matching `torch.var`; 0 before two values have been seen."""
+        return self.m2 / (self.count - 1) if self.count > 1 else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+class ScoreTransform:
+    """Turns the reward model's score per sequence into the PPO score: normalise, then scale, then clip.
+
+    Order: running normalisation first (it needs the raw scores' statistics), then the constant scale, then the clip,
+    so that `clip` bounds exactly what PPO sees. The running statistics are updated with each batch before it is
+    normalised, so the first batch is normalised by its own mean and std.
+    """
+
+    def __init__(
+        self, clip: float | None = None, scale: float = 1.0, normalize: bool = False, shift_mean: bool = True
+    ) -> None:
+        if clip is not None and clip <= 0:
+            raise ValueError(f"score clip ({clip}) must be positive or None")
+        self.clip, self.scale, self.normalize, self.shift_mean = clip, scale, normalize, shift_mean
+        self.moments = RunningMoments()
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        scores = scores.float()
+        if self.normalize:
+            self.moments.update(scores)
+            if self.shift_mean:
+                scores = scores - self.moments.mean
+            scores = scores / (self.moments.std + 1e-8)
+        scores = scores * self.scale
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.moments.load_state_dict(state["moments"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KL, rewards, advantages
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy (unmasked).
+
+    "k1": logp - ref (unbiased, can be negative per token); "k3": (r - 1) - log r with r = exp(ref - logp) (unbiased
+    and never negative); "abs": |logp - ref|; "mse": 0.5 * (logp - ref)^2.
+    """
+    diff = logprobs.float() - ref_logprobs.float()
+    if kind == "k1":
+        return diff
+    if kind == "k3":
+        # (r - 1) - log r with log r = -diff; expm1 keeps it >= 0 in fp32 where exp(x) - 1 would round below x.
+        return torch.expm1(-diff) + diff
+    if kind == "abs":
+        return diff.abs()
+    if kind == "mse":
+        return 0.5 * diff.square()
+    raise ValueError(f"unknown KL estimator kind {kind!r}; allowed: {', '.join(KL_KINDS)}")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index [B] of the last real token of each row; a ValueError if a row has none."""
+    keep = mask.bool()
+    if not bool(keep.any(dim=1).all()):
+        raise ValueError("every row of the response mask needs at least one real token")
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(keep)
+    return torch.where(keep, positions, -1).amax(dim=1)
+
+
+def compute_rewards(
+    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, kl_kind: str = "k1"
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards [B, T] = -kl_coef * KL_t, plus `scores` [B] on each row's last real token; and the KL [B, T].
+
+    The score judges the whole sequence, so it is paid once, when the sequence is complete: on the last real token
+    (rows end at different places, so it is found from the mask). Padded positions get 0 reward and 0 KL.
+    """
+    keep = mask.bool()
+    kl = torch.where(keep, kl_estimate(logprobs, ref_logprobs, kl_kind), 0.0)
+    rewards = -kl_coef * kl
+    last = last_token_index(mask).unsqueeze(1)
+    rewards = rewards.scatter_add(1, last, scores.float().unsqueeze(1))
+    return rewards, kl
+
+
+def compute_gae(
+    values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float, whiten: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimates and returns [B, T] over real tokens; padded positions get 0 for both.
+
+    delta_t = r_t + gamma * V_next - V_t and A_t = delta_t + gamma * lam * A_next, where "next" is the next *real*
+    token of the row (V_next = A_next = 0 after the last one: the episode ends there). Returns are the raw
+    advantages plus values (the value head's target); with `whiten`, the advantages handed back are then whitened
+    over the real tokens of the whole batch (`masked_whiten`), while the returns keep the unwhitened scale.
+    """
+    keep = mask.bool()
+    values, rewards = values.float(), rewards.float()
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        real = keep[:, t]
+        # A padded position is skipped: it gets 0 and the recursion carries over it unchanged.
+        advantages[:, t] = torch.where(real, adv, 0.0)
+        next_value = torch.where(real, values[:, t], next_value)
+        next_adv = torch.where(real, adv, next_adv)
+    returns = torch.where(keep, advantages + values, 0.0)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate loss masked_mean(max(-A * ratio, -A * clip(ratio, 1 - e, 1 + e))), ratio = exp(logp - old).
+
+    Gradients flow into `logprobs` only (old log-probs and advantages are constants of the rollout). Stats (detached
+    scalars): clipfrac, the share of real tokens where the clipped branch is the larger (so their gradient is 0);
+    approx_kl, masked_mean(0.5 * (logp - old)^2), the "k2" estimate of KL(old || new); ratio, the mean ratio.
+    """
+    log_ratio = logprobs.float() - old_logprobs.detach().float()
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach().float()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """0.5 * masked_mean(max((v - R)^2, (clip(v, old - e, old + e) - R)^2)); stats: vf_clipfrac (detached).
+
+    Clipping around the rollout's values keeps one PPO epoch from moving the value head far from where the
+    advantages were computed, as the ratio clip does for the policy; taking the max makes it a pessimistic bound, so
+    it can only slow a step, never reward moving away.
+    """
+    values = values.float()
+    old_values, returns = old_values.detach().float(), returns.detach().float()
+    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    unclipped = (values - returns).square()
+    clipped = (values_clipped - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((clipped > unclipped).float(), mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KL coefficient controllers
+
+
+class AdaptiveKLController:
+    """KL coefficient that steers the measured KL towards `target` (Ziegler et al. 2019, eq. 2).
+
+    Each update moves the coefficient by at most 20% x n_steps / horizon, so one noisy batch cannot swing it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target ({target}) and horizon ({horizon}) > 0")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """Constant KL coefficient; `update` does nothing."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def make_kl_controller(
+    kind: str, init_kl_coef: float, target: float | None = None, horizon: float | None = None
+) -> AdaptiveKLController | FixedKLController:
+    """Controller by name: "adaptive" (needs `target` and `horizon`) or "fixed"."""
+    if kind == "adaptive":
+        if target is None or horizon is None:
+            raise ValueError(f"adaptive KL control needs target ({target}) and horizon ({horizon})")
+        return AdaptiveKLController(init_kl_coef, target, horizon)
+    if kind == "fixed":
+        return FixedKLController(init_kl_coef)
+    raise ValueError(f"unknown KL controller kind {kind!r}; allowed: {', '.join(KL_CONTROLLER_KINDS)}")
