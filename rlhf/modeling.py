@@ -1,0 +1,167 @@
+"""Loading a base model the way every training step needs it: quantized, k-bit prepared, with a LoRA adapter.
+
+The k-bit preparation is ours rather than peft's `prepare_model_for_kbit_training`, which casts every non-int8
+parameter to fp32: for gpt-neox-20b that makes the 0.62 B embedding and unembedding parameters fp32 (+1.25 GB).
+Only the LayerNorms need fp32 (in fp16 they overflow and the 8-bit model generates NaN).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.config import LoraConfig, ModelConfig
+from rlhf.errors import UserError
+
+# bitsandbytes warns on every CPU matmul that fp32 inputs are cast to fp16 for quantization; that is how LLM.int8
+# works, not a problem, and thousands of identical lines hide the ones that matter.
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def quantization_config(cfg: ModelConfig):
+    """The BitsAndBytesConfig for the recipe, or None for an unquantized model."""
+    if cfg.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # an import failure here means a broken or missing native library
+        raise UserError(
+            f"model.quantization={cfg.quantization} needs bitsandbytes, which cannot load here ({exc}); "
+            f"install bitsandbytes>=0.45 or set model.quantization=none"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.llm_int8_threshold)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
+    )
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # GPT-NeoX has no pad token. Padding is always masked by the attention mask and never by token id, so using
+        # EOS as the pad id cannot hide a real EOS from the loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(cfg: ModelConfig, path: Path | str, quantization: str | None = None):
+    """The base model from a local directory, quantized as the recipe says, frozen."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg.model_copy(update={"quantization": quantization}) if quantization else cfg
+    config_path = Path(path) / "config.json"
+    if config_path.is_file() and '"quantization_config"' in config_path.read_text():
+        raise UserError(f"{path} holds an already-quantized checkpoint; rlhf needs the original fp16/fp32 weights")
+    qconfig = quantization_config(cfg)
+    kwargs = {}
+    if qconfig is not None:
+        # bitsandbytes places the quantized weights itself; everything goes on the one device.
+        kwargs = {"quantization_config": qconfig, "device_map": {"": device()}}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(
+                f"{cfg.name} needs code from its repository; if you trust it, set model.trust_remote_code=true"
+            ) from None
+        raise
+    if qconfig is None:
+        model.to(device())
+    # Name the base as the user did (hub id or fixture name), not the cache path it was read from: the adapter's
+    # base_model_name_or_path then says what it was trained on, on any machine.
+    model.config._name_or_path = cfg.name
+    model.requires_grad_(False)
+    return model
+
+
+def prepare_for_training(model, gradient_checkpointing: bool) -> None:
+    """k-bit preparation: LayerNorms in fp32, embeddings left as loaded, checkpointing without the KV cache."""
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) or "RMSNorm" in type(module).__name__:
+            module.to(torch.float32)
+    if gradient_checkpointing:
+        # With a frozen embedding no tensor entering the first checkpointed block requires grad, and reentrant
+        # checkpointing would then silently produce no gradients for the adapters (the PEFT pitfall).
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+
+def linear_layer_names(model) -> list[str]:
+    """Short names of the linear layers LoRA can target (quantized ones included)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in {"Linear8bitLt", "Linear4bit"}:
+            short = name.split(".")[-1]
+            if short not in {"lm_head", "embed_out"}:
+                names.add(short)
+    return sorted(names)
+
+
+def lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_targets(model, cfg: LoraConfig) -> None:
+    available = linear_layer_names(model)
+    missing = [t for t in cfg.target_modules if t not in available]
+    if missing:
+        raise UserError(
+            f"lora.target_modules {missing} are not layers of this model; its linear layers are: {', '.join(available)}"
+        )
+
+
+def add_lora(model, cfg: LoraConfig, adapter_name: str = "default"):
+    """Wrap the frozen base with a trainable LoRA adapter; adapter weights are fp32 (fp16 ones go NaN in PPO)."""
+    from peft import get_peft_model
+
+    check_targets(model, cfg)
+    peft_model = get_peft_model(model, lora_config(cfg), adapter_name=adapter_name, autocast_adapter_dtype=True)
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return peft_model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; an int8/4-bit weight counts as the number of values it stands for."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n = int(torch.Size(param.quant_state.shape).numel()) if param.quant_state is not None else n * 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,226 @@
+"""Step 1, `rlhf sft`: LoRA fine-tuning of an 8-bit (or 4-bit, or unquantized) base on a text dataset.
+
+setup (recipe -> budget pre-flight -> model -> data) -> train (transformers' Trainer) -> save adapter -> report.
+Trainer brings gradient accumulation, schedulers, checkpoints, resume, tensorboard/wandb and data-parallel training
+under `accelerate launch`; the parts that are ours are the k-bit preparation, the data blocks and the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf import modeling
+from rlhf.config import Recipe
+from rlhf.data import load_texts, tokenize_blocks
+from rlhf.errors import UserError
+from rlhf.io import atomic_dir, atomic_write_text, read_jsonl
+from rlhf.resolve import resolve_model
+from rlhf.runs import Run, mark_latest
+
+
+@dataclass
+class SftResult:
+    run: Run
+    adapter: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    model: object = field(default=None, repr=False)  # the trained PEFT model, for callers that go on using it
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_run(run: Run, recipe: Recipe, resume: bool, force: bool, step: str = "sft") -> None:
+    """Refuse to mix two runs in one directory; write the resolved recipe."""
+    if run.recipe_path.is_file() and not resume:
+        done = run.sft_dir.exists()
+        if done and not force:
+            raise UserError(
+                f"{run.root} already holds an SFT run; pass --resume to continue it, --force to start it again, "
+                f"or another --run DIR"
+            )
+    if resume:
+        if not run.recipe_path.is_file():
+            raise UserError(f"nothing to resume in {run.root}: it holds no run; drop --resume to start one")
+        previous = run.load_recipe()
+        if previous.model_dump() != recipe.model_dump():
+            changed = [k for k in previous.model_fields if getattr(previous, k) != getattr(recipe, k)]
+            raise UserError(
+                f"--resume with a different recipe than {run.recipe_path} (sections differ: {', '.join(changed)}); "
+                f"resume with the same recipe and overrides, or start a new --run"
+            )
+    if is_main_process():
+        run.root.mkdir(parents=True, exist_ok=True)
+        if force and not resume:
+            # Start training over, but keep the old adapter until the new one replaces it atomically.
+            shutil.rmtree(run.sft_dir / "checkpoints", ignore_errors=True)
+            (run.sft_dir / "metrics.jsonl").unlink(missing_ok=True)
+        run.write_recipe(recipe)
+        mark_latest(run)
+
+
+def _metrics_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class MetricsToJsonl(TrainerCallback):
+        """One JSON row per logged step in RUN/sft/metrics.jsonl (the run-directory contract)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step, "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0))}
+            for key in ("grad_norm", "epoch"):
+                if key in logs:
+                    row[key] = float(logs[key])
+            if torch.cuda.is_available():
+                row["peak_mem_bytes"] = torch.cuda.max_memory_reserved()
+            from rlhf.io import append_jsonl
+
+            append_jsonl(path, row)
+
+    return MetricsToJsonl()
+
+
+def _training_arguments(recipe: Recipe, run: Run):
+    from transformers import TrainingArguments
+
+    cfg = recipe.sft
+    report_to = list(cfg.report_to)
+    if "tensorboard" in report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to.remove("tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.sft_dir / "tensorboard")
+    return TrainingArguments(
+        output_dir=str(run.sft_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        optim="adamw_bnb_8bit" if cfg.optimizer == "adamw_8bit" else "adamw_torch",
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=report_to,
+        seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not sys.stderr.isatty() and os.environ.get("RLHF_PROGRESS") != "1",
+    )
+
+
+def _last_checkpoint(run: Run) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run.sft_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu: str | None = None) -> SftResult:
+    started = time.time()
+    checkpoint = None
+    if resume:
+        checkpoint = _last_checkpoint(run)
+        if checkpoint is None:
+            raise UserError(f"--resume: no SFT checkpoint in {run.sft_dir / 'checkpoints'}; run without --resume")
+    prepare_run(run, recipe, resume, force)
+
+    # Memory-budget pre-flight: before anything heavy is loaded.
+    from rlhf import budget
+
+    budget.preflight(recipe, "sft", gpu=gpu, force=force)
+
+    # --- setup: model ---
+    model_dir = resolve_model(recipe.model.name, recipe.model.revision)
+    tokenizer = modeling.load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    texts = load_texts(recipe.data, recipe.data.train_split)
+    blocks = tokenize_blocks(texts, tokenizer, recipe.sft.block_size, recipe.sft.pack)
+    base = modeling.load_base(recipe.model, model_dir)
+    modeling.prepare_for_training(base, recipe.sft.gradient_checkpointing)
+    model = modeling.add_lora(base, recipe.lora)
+    trainable, total = modeling.count_parameters(model)
+    print(
+        f"sft: {recipe.model.name} ({recipe.model.quantization}), LoRA r={recipe.lora.rank} on "
+        f"{','.join(recipe.lora.target_modules)}: {trainable:,} trainable of {total:,} parameters; "
+        f"{len(blocks)} blocks of {recipe.sft.block_size} tokens from {blocks.n_documents} documents",
+        file=sys.stderr,
+    )
+
+    # --- train ---
+    import datasets
+    from transformers import Trainer, default_data_collator
+
+    train_set = datasets.Dataset.from_dict(
+        {"input_ids": blocks.input_ids, "attention_mask": blocks.attention_mask, "labels": blocks.labels}
+    )
+    metrics_path = run.sft_dir / "metrics.jsonl"
+    if is_main_process():
+        _trim_metrics(metrics_path, checkpoint)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(recipe, run),
+        train_dataset=train_set,
+        data_collator=default_data_collator,
+        callbacks=[_metrics_callback(metrics_path)],
+    )
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+
+    # --- save ---
+    adapter_dir = run.sft_adapter
+    if trainer.is_world_process_zero():
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            atomic_write_text(tmp / "README.md", _adapter_card(recipe, output.global_step))
+    rows = read_jsonl(metrics_path)
+    final_loss = rows[-1]["loss"] if rows else float(output.training_loss)
+    if not math.isfinite(final_loss):
+        raise UserError(
+            "SFT loss is not finite; likely causes: LayerNorms not in fp32, a learning rate too high, "
+            "or fp16 overflow — try sft.learning_rate lower or model.dtype=bfloat16"
+        )
+    seconds = time.time() - started
+    print(f"sft: done in {seconds:.0f}s, {output.global_step} steps, final loss {final_loss:.4f}; adapter: {adapter_dir}")
+    return SftResult(run, adapter_dir, output.global_step, final_loss, seconds, model)
+
+
+def _trim_metrics(path: Path, checkpoint: str | None) -> None:
+    """On resume keep the rows up to the checkpoint's step, so every step is logged exactly once; else start empty."""
+    if not path.exists():
+        return
+    step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+    import json
+
+    kept = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def _adapter_card(recipe: Recipe, steps: int) -> str:
+    return (
+        f"# LoRA adapter (rlhf sft)\n\n"
+        f"- base model: {recipe.model.name} ({recipe.model.quantization})\n"
+        f"- data: {recipe.data.dataset} [{recipe.data.train_split}], column `{recipe.data.text_column}`\n"
+        f"- LoRA: r={recipe.lora.rank}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}, "
+        f"targets {', '.join(recipe.lora.target_modules)}\n"
+        f"- steps: {steps}, block size {recipe.sft.block_size}, learning rate {recipe.sft.learning_rate}\n"
+        f"- date: {time.strftime('%Y-%m-%d')}\n\n"
+        f"Load with `PeftModel.from_pretrained(base, this_dir)`; merge with `rlhf merge`.\n"
+    )

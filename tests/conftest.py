@@ -1,0 +1,64 @@
+"""Shared test setup: offline, a private fixture cache and runs root, and one quickstart run shared by the tests.
+
+The tiny fixtures (corpus, tokenizer, GPT-NeoX, DistilBERT) are built once per session into $RLHF_CACHE (a temporary
+directory unless the caller sets one, as CI does); the session runs `rlhf sft` and `rlhf merge` once, and tests that
+need a trained adapter or a merged model copy those runs instead of training again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# No hub at test time: the network boundary is closed, so a test that reached for it would fail, not hang.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("RLHF_CACHE", tempfile.mkdtemp(prefix="rlhf-cache-"))
+os.environ["RLHF_RUNS"] = tempfile.mkdtemp(prefix="rlhf-runs-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli(*args: str) -> int:
+    """Run `rlhf ARGS` in this process (no interpreter start-up, no torch re-import) and return its exit code."""
+    from rlhf.cli import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def fixture_paths():
+    from rlhf.fixtures import ensure_fixtures
+
+    return ensure_fixtures(progress=False)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, fixture_paths) -> Path:
+    """A short quickstart SFT run (the real 8-bit path), shared read-only by the tests."""
+    run = tmp_path_factory.mktemp("shared") / "sft"
+    assert cli("sft", "--recipe", "quickstart", "--run", run, "sft.max_steps=12", "sft.logging_steps=2") == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def merged_run(tmp_path_factory, sft_run) -> Path:
+    run = tmp_path_factory.mktemp("shared") / "merged"
+    shutil.copytree(sft_run, run)
+    assert cli("merge", "--run", run) == 0
+    return run
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """A private, writable copy of a shared run."""
+
+    def _copy(run: Path, name: str = "run") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(run, dst, ignore=shutil.ignore_patterns("checkpoints"))
+        return dst
+
+    return _copy
