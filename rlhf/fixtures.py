@@ -16,7 +16,7 @@ Real users tune EleutherAI/gpt-neox-20b on stanfordnlp/imdb with lvwerra/distilb
   ``DistilBertForSequenceClassification`` (labels NEGATIVE / POSITIVE) with its own lowercase WordPiece tokenizer,
   trained on the labelled reviews and on short fragments of them, because at PPO time it scores short texts.
 
-Everything is cached under ``cache_root()/fixtures-v1-seed{seed}/`` and built at most once: each artifact is built
+Everything is cached under ``cache_root()/fixtures-v2-seed{seed}/`` and built at most once: each artifact is built
 in a temporary directory beside its final place and renamed when complete, under a file lock, so an interrupted
 build leaves nothing half-written and two processes never build the same artifact at once. A build is
 deterministic for a seed on a given machine.
@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-FIXTURES_VERSION = "v1"  # bump when a change to this file changes what is built: old caches are then ignored
+FIXTURES_VERSION = "v2"  # bump when a change to this file changes what is built: old caches are then ignored
 
 # name used in recipes and on the command line -> subdirectory of the fixtures dir
 FIXTURE_NAMES = {

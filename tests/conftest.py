@@ -20,6 +20,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("RLHF_CACHE", tempfile.mkdtemp(prefix="rlhf-cache-"))
 os.environ["RLHF_RUNS"] = tempfile.mkdtemp(prefix="rlhf-runs-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that busy-wait make torch 6-8x slower on a CPU shared with other processes (subprocess tests).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cli(*args: str) -> int:

@@ -11,8 +11,8 @@ Reads as setup -> evaluate (before) -> train loop -> save -> evaluate (after). E
 
 from __future__ import annotations
 
+import io
 import json
-import math
 import os
 import random
 import resource
@@ -43,7 +43,9 @@ METRIC_KEYS = (
 
 
 class NonFiniteError(RuntimeError):
-    pass
+    """Too many non-finite batches in a row: the run stops (exit 1) with its last good checkpoint on disk."""
+
+    exit_code = 1
 
 
 # --- distributed helpers: plain torch.distributed, launched by `accelerate launch` or torchrun --------------------
@@ -60,6 +62,16 @@ def init_distributed() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend)
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank when the flag is true on every rank: ranks must agree on skipping a batch or stopping, or
+    one of them waits forever in the next collective."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0])
+    torch.distributed.all_reduce(t)
+    return t.item() == 0.0
 
 
 def all_mean(value: float) -> float:
@@ -80,6 +92,18 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
         torch.distributed.all_reduce(p.grad)
         p.grad /= size
+
+
+def check_in_sync(params: list[torch.nn.Parameter]) -> None:
+    """Data parallel: every rank must hold the same weights after training; a difference is a bug, not noise."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    total = torch.tensor([sum(p.detach().double().sum().item() for p in params)], dtype=torch.float64)
+    low, high = total.clone(), total.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if (high - low).abs().item() > 1e-9 * max(1.0, total.abs().item()):
+        raise RuntimeError(f"ranks hold different weights after training (checksums {low.item()} .. {high.item()})")
 
 
 def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
@@ -177,8 +201,9 @@ class Rollout:
 
 
 class PPOTrainer:
-    def __init__(self, recipe: Recipe, run: Run, reward_name: str, out=sys.stderr):
-        self.recipe, self.run, self.reward_name, self.out = recipe, run, reward_name, out
+    def __init__(self, recipe: Recipe, run: Run, reward_name: str, out=None):
+        self.recipe, self.run, self.reward_name = recipe, run, reward_name
+        self.out = out if out is not None else sys.stderr  # looked up now, not at import: redirections apply
         self.cfg = recipe.ppo
         self.rank, self.world_size = world()
         self.step = 0
@@ -286,6 +311,9 @@ class PPOTrainer:
 
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
+        # Score in the mode the optimisation runs in: bitsandbytes' int8 layers compute differently in train and
+        # eval mode (~0.05 nats on the tiny model), and the PPO ratio must start at exactly 1.
+        self.model.train()
         for start in range(0, len(prompts), cfg.rollout_batch_size):
             sl = slice(start, start + cfg.rollout_batch_size)
             s = self.policy.score(ids[sl], mask[sl], R, values=True, entropy=True)
@@ -320,7 +348,7 @@ class PPOTrainer:
         g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, self.rank) + 1)
         self.model.train()  # checkpointing applies in train mode; LoRA dropout is 0 so log-probs match the rollout
         t = time.perf_counter()
-        skipped = 0
+        skipped = applied = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=g)
             for mb_start in range(0, n, cfg.mini_batch_size):
@@ -343,7 +371,7 @@ class PPOTrainer:
                     stats["clipfrac"].append(pg_stats["clipfrac"].item())
                     stats["approx_kl"].append(pg_stats["approx_kl"].item())
                     stats["vf_clipfrac"].append(vf_stats["vf_clipfrac"].item())
-                if not finite:
+                if not all_true(finite):
                     # A non-finite loss would poison the adapter and Adam's moments: drop this mini-batch's update.
                     skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
@@ -352,12 +380,14 @@ class PPOTrainer:
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
+                applied += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.timer.add("train", t)
         seq_kl = (kl * mask).sum(1)
         result = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
         result["kl"] = all_mean(seq_kl.mean().item())
         result["skipped_minibatches"] = skipped
+        result["applied_minibatches"] = applied
         return result
 
     # --- the loop ---
@@ -370,15 +400,16 @@ class PPOTrainer:
             started = time.perf_counter()
             prompts = self.prompts.batch(self.step, cfg.batch_size, self.rank, self.world_size)
             ro = self.rollout(prompts, step_seed(cfg.seed, self.step, self.rank) + 7919 * self.retries)
-            if not torch.isfinite(ro.scores).all() or not torch.isfinite(ro.logprobs).all():
+            if not all_true(bool(torch.isfinite(ro.scores).all() and torch.isfinite(ro.logprobs).all())):
                 self._nonfinite("reward or log-probs")
                 continue
             kl_coef = self.kl_ctl.value
             stats = self.optimise(ro)
-            if stats["skipped_minibatches"] and math.isnan(stats["policy_loss"]):
+            if stats["applied_minibatches"] == 0:  # every mini-batch had a non-finite loss: nothing was learned
                 self._nonfinite("loss")
                 continue
             self.nonfinite_in_a_row = self.retries = 0
+            self.nonfinite_total += stats["skipped_minibatches"]
             # 6. KL controller: Ziegler et al. use the batch's mean per-sequence KL and the number of samples seen.
             self.kl_ctl.update(stats["kl"], cfg.batch_size * self.world_size)
             self.step += 1
@@ -400,7 +431,7 @@ class PPOTrainer:
                 "response_len": n_tokens / len(ro.texts),
                 "tokens_per_s": n_tokens / elapsed,
                 "peak_mem_bytes": peak_memory_bytes(),
-                "nonfinite_skipped": self.nonfinite_total + stats["skipped_minibatches"],
+                "nonfinite_skipped": self.nonfinite_total,  # batches and mini-batches skipped so far
                 **{f"time_{k}": v for k, v in self.timer.seconds.items()},
                 "time_step": elapsed,
             }
@@ -411,6 +442,8 @@ class PPOTrainer:
                     self._samples(ro)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}")
+            if self.world_size > 1:  # Ctrl-C may reach the ranks at different steps: all stop at the same one
+                self.stop_requested = not all_true(not self.stop_requested)
             if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps or self.stop_requested:
                 self.save_checkpoint()
         bar.close()
@@ -418,13 +451,16 @@ class PPOTrainer:
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
-        print(f"ppo: warning: non-finite {what} at step {self.step + 1}; batch skipped "
-              f"({self.nonfinite_in_a_row} in a row)", file=self.out)
+        if self.rank == 0:
+            print(f"ppo: warning: non-finite {what} at step {self.step + 1}; batch skipped "
+                  f"({self.nonfinite_in_a_row} in a row)", file=self.out)
         if self.nonfinite_in_a_row >= self.cfg.nonfinite_patience:
+            saved = sorted(self.run.ppo_checkpoints.glob("step-*"), key=_step_of)
+            kept = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved yet"
             raise NonFiniteError(
                 f"{self.nonfinite_in_a_row} batches in a row had a non-finite {what}; stopped at step {self.step} "
-                f"(the last good checkpoint is kept). Likely causes: LayerNorms not in fp32, ppo.learning_rate too "
-                f"high, or reward scores too large (try ppo.score_clip or ppo.score_norm=true)"
+                f"({kept}). Likely causes: a reward model or function returning NaN/inf, LayerNorms not in fp32, "
+                f"ppo.learning_rate too high, or reward scores too large (try ppo.score_clip or ppo.score_norm=true)"
             )
         self.retries += 1  # the next attempt must not replay the same random draws
 
@@ -503,7 +539,9 @@ class PPOTrainer:
             self.nonfinite_total = state.get("nonfinite_total", 0)
             self.step = int(state["step"])
             return self.step
-        raise UserError(f"--resume: every checkpoint in {self.run.ppo_checkpoints} is damaged; run without --resume")
+        raise UserError(
+            f"--resume: every checkpoint in {self.run.ppo_checkpoints} is damaged; start PPO over with --force"
+        )
 
     def save_final(self) -> Path:
         out = self.run.ppo_adapter
@@ -609,6 +647,8 @@ def prepare(recipe: Recipe, run: Run, reward: str | None, resume: bool, force: b
             f"{run.root} was trained from '{trained.model.name}', but the recipe names '{recipe.model.name}'; "
             f"use the run's recipe (omit --recipe) or another --run"
         )
+    if not (run.merged / "config.json").is_file():
+        raise UserError(f"no merged model in {run.root}; run `rlhf merge --run {run.root}` first")
     # PPO takes its own sections from the recipe given; model, LoRA, data and SFT stay as the run was trained.
     recipe = trained.model_copy(update={"ppo": recipe.ppo, "reward": recipe.reward, "budget": recipe.budget})
     reward_name = reward or recipe.reward.name
@@ -619,6 +659,8 @@ def prepare(recipe: Recipe, run: Run, reward: str | None, resume: bool, force: b
             f"{run.root} already holds a PPO run; pass --resume to continue it, --force to start it again, "
             f"or use another --run"
         )
+    if resume and not has_ppo and not (run.ppo_dir / "eval_before.json").exists():
+        raise UserError(f"--resume: no PPO checkpoint in {run.ppo_checkpoints}; run without --resume")
     return recipe, reward_name
 
 
@@ -632,29 +674,38 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
     from rlhf.rewards import load_spec
 
     load_spec(reward_name)  # an unknown reward fails now, before anything heavy is loaded
-    budget.preflight(recipe, "ppo", gpu=gpu, force=force)
+    if recipe.ppo.optimizer == "adam_8bit":
+        modeling.require_bitsandbytes("ppo.optimizer=adam_8bit", "ppo.optimizer=adam")
+    budget.preflight(recipe, "ppo", gpu=gpu, force=force, out=sys.stdout if rank == 0 else io.StringIO())
+    restart = resume and not any(run_.ppo_checkpoints.glob("step-*"))
+    if restart:  # killed before its first checkpoint: there is nothing to continue from but the start
+        resume = False
+        if rank == 0:
+            print(f"ppo: warning: no checkpoint in {run_.ppo_checkpoints} yet; starting PPO from step 0",
+                  file=sys.stderr)
+
+    trainer = PPOTrainer(recipe, run_, reward_name)
+    trainer.setup()
+    # Only now, with the model, reward and data known to work, does the run directory change.
     if rank == 0:
         run_.write_recipe(recipe)
-        if force and not resume:
+        if force and not resume and not restart:
             import shutil
 
             shutil.rmtree(run_.ppo_checkpoints, ignore_errors=True)
             for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "eval_before.json"):
                 (run_.ppo_dir / name).unlink(missing_ok=True)
-
-    trainer = PPOTrainer(recipe, run_, reward_name)
-    trainer.setup()
-    trainable, total = modeling.count_parameters(trainer.model)
-    print(f"ppo: policy LoRA r={recipe.ppo.lora.rank} + value head on {recipe.model.quantization} merged model: "
-          f"{trainable:,} trainable of {total:,}; reward: {reward_name}", file=sys.stderr)
+        trainable, total = modeling.count_parameters(trainer.model)
+        print(f"ppo: policy LoRA r={recipe.ppo.lora.rank} + value head on {recipe.model.quantization} merged model: "
+              f"{trainable:,} trainable of {total:,}; reward: {reward_name}", file=sys.stderr)
 
     before_path = run_.ppo_dir / "eval_before.json"
-    if resume:
-        step = trainer.load_checkpoint()
+    if resume or restart:
+        step = trainer.load_checkpoint() if resume else 0
         if rank == 0:
             _trim_jsonl(run_.ppo_dir / "metrics.jsonl", step)
             _trim_jsonl(run_.ppo_dir / "samples.jsonl", step)
-        print(f"ppo: resumed at step {step}", file=sys.stderr)
+            print(f"ppo: resumed at step {step}", file=sys.stderr)
     if before_path.is_file():
         before = json.loads(before_path.read_text())
     else:
@@ -667,7 +718,8 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
     def on_sigint(signum, frame):
         # Finish the current step, save a checkpoint and exit 130: Ctrl-C never costs more than one step.
         trainer.stop_requested = True
-        print("\nppo: interrupted; saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        if rank == 0:
+            print("\nppo: interrupted; saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -677,6 +729,7 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
         signal.signal(signal.SIGINT, previous)
     if trainer.stop_requested:
         raise KeyboardInterrupt
+    check_in_sync(trainer.params)
 
     adapter = trainer.save_final()
     after = trainer.evaluate()
@@ -707,8 +760,8 @@ def _trim_jsonl(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def main(args) -> None:
-    from rlhf import budget
+def recipe_for(args) -> tuple[Run, Recipe]:
+    """The run `rlhf ppo` works on and its recipe: --recipe, or the run's own, with the overrides and --reward."""
     from rlhf.cli import resolve_recipe
     from rlhf.runs import existing_run
 
@@ -719,6 +772,6 @@ def main(args) -> None:
         from rlhf.config import apply_overrides, validate
 
         recipe = validate(apply_overrides(run_.load_recipe().model_dump(mode="json"), list(args.overrides)))
-    if args.auto_fit:
-        recipe = budget.auto_fit(recipe, "ppo", args.gpu)
-    run(recipe, run_, reward=args.reward, resume=args.resume, force=args.force, gpu=args.gpu)
+    if args.reward:
+        recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": args.reward})})
+    return run_, recipe
