@@ -24,22 +24,33 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+# Reentrant checkpointing: bitsandbytes keeps each int8 matmul's input on its autograd ctx rather than through
+# save_for_backward, which non-reentrant checkpointing cannot drop, so every layer's input would stay alive
+# (3.6 GiB on gpt-neox-20b at 1024 tokens). rlhf.budget reads this to predict what the step holds.
+CHECKPOINT_KWARGS = {"use_reentrant": True}
+
 
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def require_bitsandbytes(setting: str, instead: str) -> None:
+    """UserError naming the recipe setting that needs bitsandbytes, when it cannot be imported here."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # an import failure here means a broken or missing native library
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"{setting} needs bitsandbytes, which cannot load here ({type(exc).__name__}: {reason}); "
+            f"install bitsandbytes>=0.45 or set {instead}"
+        ) from None
 
 
 def quantization_config(cfg: ModelConfig):
     """The BitsAndBytesConfig for the recipe, or None for an unquantized model."""
     if cfg.quantization == "none":
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # an import failure here means a broken or missing native library
-        raise UserError(
-            f"model.quantization={cfg.quantization} needs bitsandbytes, which cannot load here ({exc}); "
-            f"install bitsandbytes>=0.45 or set model.quantization=none"
-        ) from None
+    require_bitsandbytes(f"model.quantization={cfg.quantization}", "model.quantization=none")
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
@@ -102,9 +113,9 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
             module.to(torch.float32)
     if gradient_checkpointing:
         # With a frozen embedding no tensor entering the first checkpointed block requires grad, and reentrant
-        # checkpointing would then silently produce no gradients for the adapters (the PEFT pitfall).
+        # checkpointing then silently produces no gradients for the adapters (the PEFT pitfall).
         model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINT_KWARGS)
         model.config.use_cache = False
 
 
