@@ -1,0 +1,80 @@
+"""`rlhf quickstart`: the whole flow on the embedded offline default, through exactly the code of the real commands.
+
+fixtures -> sft -> merge -> ppo (with its evaluation before and after) -> report, each step printing its memory
+budget first. Tiny stand-ins for gpt-neox-20b, IMDB and distilbert-imdb make it run on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from rlhf.config import load_recipe
+from rlhf.errors import UserError
+from rlhf.runs import Run, new_run_dir
+
+REAL_FLOW = """\
+The same flow on gpt-neox-20b with a 24 GB GPU (check the fit first):
+  rlhf budget --model gpt-neox-20b --gpu 24GiB
+  rlhf sft --model gpt-neox-20b
+  rlhf merge
+  rlhf ppo --reward imdb-sentiment"""
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} ===", file=sys.stderr, flush=True)
+
+
+def main(run_dir: str | None = None, force: bool = False) -> int:
+    from rlhf import merge, report, sft
+    from rlhf.fixtures import ensure_fixtures
+    from rlhf.ppo import trainer
+
+    started = time.time()
+    recipe = load_recipe("quickstart")
+    run = Run(Path(run_dir)) if run_dir else new_run_dir(recipe)
+    if run.recipe_path.exists() and not force:
+        raise UserError(f"{run.root} already holds a run; pass another --run, or --force to redo the quickstart in it")
+    timings: dict[str, float] = {}
+
+    _banner("1/5 offline fixtures: synthetic IMDB, tiny GPT-NeoX, tiny DistilBERT classifier")
+    t = time.time()
+    paths = ensure_fixtures()
+    timings["fixtures"] = time.time() - t
+    print(f"fixtures ready in {timings['fixtures']:.0f}s under {paths.imdb.parent}", file=sys.stderr)
+
+    _banner("2/5 rlhf sft --recipe quickstart (8-bit base + LoRA)")
+    t = time.time()
+    sft.run(recipe, run, force=force)
+    timings["sft"] = time.time() - t
+
+    _banner("3/5 rlhf merge (fp16, streamed shard by shard, self-checked)")
+    t = time.time()
+    merge.run(str(run.root), force=force)
+    timings["merge"] = time.time() - t
+
+    _banner("4/5 rlhf ppo --reward quickstart-sentiment (second LoRA + value head, reference = adapter disabled)")
+    t = time.time()
+    result = trainer.run(recipe, run, reward="quickstart-sentiment", force=force)
+    timings["ppo"] = time.time() - t
+
+    _banner("5/5 report")
+    t = time.time()
+    report_path = report.write_report(run, timings)
+    timings["report"] = time.time() - t
+    total = time.time() - started
+
+    ev = result.eval
+    print(f"\nquickstart done in {total:.0f}s wall "
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    if ev:
+        print(f"  reward         {ev['reward_before']:+.3f} -> {ev['reward_after']:+.3f}")
+        print(f"  positive rate  {ev['positive_rate_before']:.2f} -> {ev['positive_rate_after']:.2f}"
+              f"  ({ev['n_prompts']} held-out prompts)")
+        print(f"  KL to reference {ev['kl_after']:.2f} nats; perplexity {ev['perplexity_before']:.2f} -> "
+              f"{ev['perplexity_after']:.2f}")
+    print(f"  artifacts: {run.root}/ (sft/adapter, merged/, ppo/adapter, ppo/eval.json)")
+    print(f"  report:    {report_path}")
+    print(REAL_FLOW)
+    return 0
