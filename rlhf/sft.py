@@ -7,6 +7,7 @@ under `accelerate launch`; the parts that are ours are the k-bit preparation, th
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
@@ -40,25 +41,50 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_run(run: Run, recipe: Recipe, resume: bool, force: bool, step: str = "sft") -> None:
-    """Refuse to mix two runs in one directory; write the resolved recipe."""
+def check_run(run: Run, recipe: Recipe, resume: bool, force: bool) -> None:
+    """Refuse to mix two runs in one directory. Writes nothing: a refused command leaves the disk as it was."""
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"--run {run.root} is a file; pass a directory (a new one, or a run to --resume)")
     if run.recipe_path.is_file() and not resume:
-        done = run.sft_dir.exists()
+        done = any(p.exists() for p in (run.sft_dir, run.merged, run.ppo_dir))
         if done and not force:
             raise UserError(
-                f"{run.root} already holds an SFT run; pass --resume to continue it, --force to start it again, "
-                f"or another --run DIR"
+                f"{run.root} already holds an SFT run{_of_recipe(run, recipe)}; pass --resume to continue it, "
+                f"--force to start it again, or another --run DIR"
             )
     if resume:
         if not run.recipe_path.is_file():
             raise UserError(f"nothing to resume in {run.root}: it holds no run; drop --resume to start one")
         previous = run.load_recipe()
-        if previous.model_dump() != recipe.model_dump():
+        if _without_layout(previous) != _without_layout(recipe):
             changed = [k for k in previous.model_fields if getattr(previous, k) != getattr(recipe, k)]
             raise UserError(
                 f"--resume with a different recipe than {run.recipe_path} (sections differ: {', '.join(changed)}); "
                 f"resume with the same recipe and overrides, or start a new --run"
             )
+
+
+def _without_layout(recipe: Recipe) -> dict:
+    """The recipe as training sees it: how a batch is split into micro-batches (what --auto-fit and an out-of-memory
+    retry change) does not change the training, so a resume may differ in it."""
+    sft = recipe.sft
+    effective = sft.batch_size * sft.gradient_accumulation_steps
+    return recipe.model_copy(
+        update={"sft": sft.model_copy(update={"batch_size": effective, "gradient_accumulation_steps": 1})}
+    ).model_dump()
+
+
+def _of_recipe(run: Run, recipe: Recipe) -> str:
+    """' of recipe 'X'' when the run in the directory was made by another recipe than this command's."""
+    try:
+        previous = run.load_recipe().name
+    except UserError:
+        return " (its recipe.yaml is unreadable)"
+    return f" of recipe '{previous}' (this command's is '{recipe.name}')" if previous != recipe.name else ""
+
+
+def start_run(run: Run, recipe: Recipe, resume: bool, force: bool) -> None:
+    """Write the resolved recipe and point runs/latest here; with --force, clear the previous training state."""
     if is_main_process():
         run.root.mkdir(parents=True, exist_ok=True)
         if force and not resume:
@@ -128,7 +154,7 @@ def _training_arguments(recipe: Recipe, run: Run):
     )
 
 
-def _last_checkpoint(run: Run) -> str | None:
+def last_checkpoint(run: Run) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     folder = run.sft_dir / "checkpoints"
@@ -139,17 +165,23 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     started = time.time()
     checkpoint = None
     if resume:
-        checkpoint = _last_checkpoint(run)
+        checkpoint = last_checkpoint(run)
         if checkpoint is None:
             raise UserError(f"--resume: no SFT checkpoint in {run.sft_dir / 'checkpoints'}; run without --resume")
-    prepare_run(run, recipe, resume, force)
+    check_run(run, recipe, resume, force)
+    if recipe.sft.optimizer == "adamw_8bit":
+        modeling.require_bitsandbytes("sft.optimizer=adamw_8bit", "sft.optimizer=adamw")
 
-    # Memory-budget pre-flight: before anything heavy is loaded.
+    # Memory-budget pre-flight: before anything heavy is loaded. One process prints it under `accelerate launch`.
     from rlhf import budget
 
-    budget.preflight(recipe, "sft", gpu=gpu, force=force)
+    budget.preflight(recipe, "sft", gpu=gpu, force=force, out=sys.stdout if is_main_process() else io.StringIO())
 
     # --- setup: model ---
+    # Seed before the adapter exists: peft draws LoRA A from the global RNG before Trainer seeds anything.
+    from transformers import set_seed
+
+    set_seed(recipe.sft.seed)
     model_dir = resolve_model(recipe.model.name, recipe.model.revision)
     tokenizer = modeling.load_tokenizer(model_dir, recipe.model.trust_remote_code)
     texts = load_texts(recipe.data, recipe.data.train_split)
@@ -157,13 +189,16 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     base = modeling.load_base(recipe.model, model_dir)
     modeling.prepare_for_training(base, recipe.sft.gradient_checkpointing)
     model = modeling.add_lora(base, recipe.lora)
+    # Only now, with the model, data and adapter known to work, does the run directory change.
+    start_run(run, recipe, resume, force)
     trainable, total = modeling.count_parameters(model)
-    print(
-        f"sft: {recipe.model.name} ({recipe.model.quantization}), LoRA r={recipe.lora.rank} on "
-        f"{','.join(recipe.lora.target_modules)}: {trainable:,} trainable of {total:,} parameters; "
-        f"{len(blocks)} blocks of {recipe.sft.block_size} tokens from {blocks.n_documents} documents",
-        file=sys.stderr,
-    )
+    if is_main_process():
+        print(
+            f"sft: {recipe.model.name} ({recipe.model.quantization}), LoRA r={recipe.lora.rank} on "
+            f"{','.join(recipe.lora.target_modules)}: {trainable:,} trainable of {total:,} parameters; "
+            f"{len(blocks)} blocks of {recipe.sft.block_size} tokens from {blocks.n_documents} documents",
+            file=sys.stderr,
+        )
 
     # --- train ---
     import datasets
@@ -198,7 +233,9 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
             "or fp16 overflow — try sft.learning_rate lower or model.dtype=bfloat16"
         )
     seconds = time.time() - started
-    print(f"sft: done in {seconds:.0f}s, {output.global_step} steps, final loss {final_loss:.4f}; adapter: {adapter_dir}")
+    if is_main_process():
+        print(f"sft: done in {seconds:.0f}s, {output.global_step} steps, final loss {final_loss:.4f}; "
+              f"adapter: {adapter_dir}")
     return SftResult(run, adapter_dir, output.global_step, final_loss, seconds, model)
 
 
