@@ -1,0 +1,339 @@
+"""`rlhf report`: RUN/report.md and its plots, from what the steps left in the run directory.
+
+Reads recipe.yaml, sft/metrics.jsonl, ppo/metrics.jsonl and ppo/eval.json; whatever is missing (a run that has only
+done SFT) is skipped and the report says so. Writes sft_loss.png, ppo_reward.png, ppo_kl.png beside report.md, each
+file atomically, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import Recipe
+from rlhf.errors import UserError
+from rlhf.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from rlhf.runs import Run
+
+FIGSIZE = (7.0, 4.0)
+DPI = 110
+MAX_CELL_CHARS = 400
+
+
+# --- plots ------------------------------------------------------------------------------------------------------
+
+
+def _figure(nrows: int = 1, height: float = FIGSIZE[1]):
+    """A figure outside pyplot: no global backend switch (a notebook calling this keeps its inline plots), no leak."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(FIGSIZE[0], height), dpi=DPI)
+    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    return fig, axes
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic_write_bytes(path, buf.getvalue())  # temp file beside it, then os.replace
+
+
+def _marker(n: int) -> str | None:
+    return "o" if n <= 40 else None  # a short run has a handful of points: show each one
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pairs = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_sft_loss(rows: list[dict], path: Path) -> bool:
+    steps, loss = _series(rows, "loss")
+    if not steps:
+        return False
+    fig, (ax,) = _figure()
+    ax.plot(steps, loss, color="tab:blue", marker=_marker(len(steps)), label="training loss (logged steps)")
+    ax.set_title("SFT: training loss per optimizer step")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    lr_steps, lr = _series(rows, "lr")
+    if lr_steps:
+        twin = ax.twinx()
+        twin.plot(lr_steps, lr, color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
+        twin.set_ylabel("learning rate", color="tab:gray")
+        twin.tick_params(axis="y", colors="tab:gray")
+        twin.set_ylim(bottom=0)
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    else:
+        ax.legend(loc="upper right")
+    _save(fig, path)
+    return True
+
+
+def plot_ppo_reward(rows: list[dict], path: Path, reward_name: str = "reward model") -> bool:
+    rows = [r for r in rows if isinstance(r.get("reward_mean"), (int, float)) and "step" in r]
+    if not rows:
+        return False
+    steps = [r["step"] for r in rows]
+    mean = [r["reward_mean"] for r in rows]
+    low = [r["reward_mean"] - float(r.get("reward_std", 0.0)) for r in rows]
+    high = [r["reward_mean"] + float(r.get("reward_std", 0.0)) for r in rows]
+    fig, (top, bottom) = _figure(nrows=2, height=5.0)
+    top.plot(steps, mean, color="tab:green", marker=_marker(len(steps)), label="mean reward of the batch")
+    top.fill_between(steps, low, high, color="tab:green", alpha=0.2, label="± 1 std over the batch")
+    top.set_title(f"PPO: reward per step ({reward_name})")
+    top.set_ylabel("reward (score)")
+    top.legend(loc="best", fontsize="small")
+    pos_steps, pos = _series(rows, "positive_rate")
+    if pos_steps:
+        bottom.plot(pos_steps, pos, color="tab:purple", marker=_marker(len(pos_steps)), label="positive rate")
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.legend(loc="best", fontsize="small")
+    else:
+        bottom.text(0.5, 0.5, "no positive_rate in metrics", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_ylabel("positive rate\n(fraction of batch)")
+    bottom.set_xlabel("PPO step (one batch of prompts)")
+    _save(fig, path)
+    return True
+
+
+def plot_ppo_kl(rows: list[dict], path: Path, target_kl: float | None = None) -> bool:
+    steps, kl = _series(rows, "kl")
+    if not steps:
+        return False
+    fig, (top, bottom) = _figure(nrows=2, height=5.0)
+    top.plot(steps, kl, color="tab:red", marker=_marker(len(steps)), label="KL(policy ‖ reference), batch mean")
+    top.axhline(0.0, color="black", linewidth=0.8)
+    if target_kl is not None:  # the adaptive controller raises β above this KL and lowers it below
+        top.axhline(target_kl, color="tab:gray", linestyle="--", linewidth=1, label=f"target KL ({target_kl:g})")
+    top.set_title("PPO: KL to the reference model and the KL coefficient")
+    top.set_ylabel("KL (nats/response)")
+    top.legend(loc="best", fontsize="small")
+    coef_steps, coef = _series(rows, "kl_coef")
+    if coef_steps:
+        bottom.plot(coef_steps, coef, color="tab:orange", marker=_marker(len(coef_steps)), label="KL coefficient β")
+        bottom.legend(loc="best", fontsize="small")
+        bottom.ticklabel_format(axis="y", useOffset=False)  # an adaptive β moves in the 4th digit: show real values
+    bottom.set_ylabel("β (penalty per nat)")
+    bottom.set_xlabel("PPO step (one batch of prompts)")
+    _save(fig, path)
+    return True
+
+
+# --- markdown helpers ----------------------------------------------------------------------------------------------
+
+
+def md_cell(value: Any) -> str:
+    """Text safe inside one markdown table cell: pipes escaped, newlines as <br>, HTML kept literal."""
+    text = str(value)
+    if len(text) > MAX_CELL_CHARS:
+        text = text[:MAX_CELL_CHARS] + "…"
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+    return text.strip() or "(empty)"
+
+
+def _num(value: Any, fmt: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "—"
+    return format(value, fmt)
+
+
+def _delta(before: Any, after: Any, fmt: str) -> str:
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after)):
+        return format(after - before, fmt)
+    return ""
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- sections -----------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _recipe_section(run: Run) -> tuple[list[str], Recipe | None]:
+    """Lines naming the recipe, model, data and reward; and the recipe, when it can be read."""
+    if not run.recipe_path.is_file():
+        return ["- recipe: unknown (no recipe.yaml in the run)"], None
+    try:
+        recipe = run.load_recipe()
+    except UserError as exc:  # a damaged recipe should not hide the curves and samples that are there
+        return [f"- recipe: unreadable ({exc})"], None
+    ppo = recipe.ppo
+    kl = f"KL coefficient {ppo.init_kl_coef:g}" + (f" adapted towards KL {ppo.target_kl:g}" if ppo.adaptive_kl else "")
+    return [
+        f"- recipe: **{recipe.name}**" + (f" — {recipe.description}" if recipe.description else ""),
+        f"- model: `{recipe.model.name}` ({recipe.model.quantization}); SFT LoRA r={recipe.lora.rank}, "
+        f"alpha={recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}",
+        f"- data: `{recipe.data.dataset}` (train split `{recipe.data.train_split}`, "
+        f"held-out split `{recipe.data.eval_split}`)",
+        f"- reward: `{recipe.reward.name}`; PPO batch {ppo.batch_size}, mini-batch {ppo.mini_batch_size}, "
+        f"{ppo.ppo_epochs} PPO epochs, learning rate {ppo.learning_rate:g}, {kl}",
+    ], recipe
+
+
+def _eval_section(ev: dict | None) -> list[str]:
+    out = ["## Evaluation on held-out prompts", ""]
+    if not ev:
+        return out + ["_No PPO evaluation yet (ppo/eval.json is missing): run `rlhf ppo` to get one._", ""]
+
+    def row(label: str, key: str, fmt: str) -> list[str]:
+        before, after = ev.get(f"{key}_before"), ev.get(f"{key}_after")
+        return [label, _num(before, fmt), _num(after, fmt), _delta(before, after, "+" + fmt)]
+
+    rows = [
+        row("reward (mean score)", "reward", ".3f"),
+        row("positive rate", "positive_rate", ".2f"),
+        row("KL to reference (nats/response)", "kl", ".3f"),
+        row("perplexity on held-out text", "perplexity", ".2f"),
+        ["prompts", str(ev.get("n_prompts", "—")), str(ev.get("n_prompts", "—")), ""],
+    ]
+    out.append(_table(["metric", "before PPO", "after PPO", "change"], rows, ["---", "---:", "---:", "---:"]))
+    notes = []
+    if ev.get("eval_split"):
+        notes.append(f"held-out prompts from split `{ev['eval_split']}`")
+    if ev.get("steps") is not None:
+        notes.append(f"after {ev['steps']} PPO steps")
+    if notes:
+        out += ["", "_" + "; ".join(notes) + "._"]
+    return out + [""]
+
+
+def _figure_md(run: Run, heading: str, name: str, drawn: bool, alt: str, missing: str, intro: str = "") -> list[str]:
+    out = [f"### {heading}", ""] + ([intro, ""] if intro else [])
+    if drawn:
+        return out + [f"![{alt}]({name})", ""]
+    (run.root / name).unlink(missing_ok=True)  # a plot left from an earlier state of the run would contradict the text
+    return out + [f"_Not drawn: {missing}._", ""]
+
+
+def _plots_section(run: Run, sft_rows: list[dict], ppo_rows: list[dict], recipe: Recipe | None) -> list[str]:
+    losses = [r for r in sft_rows if isinstance(r.get("loss"), (int, float))]
+    intro = ""
+    if losses:
+        first, last = losses[0], losses[-1]
+        intro = (f"Loss {first['loss']:.4f} at step {first.get('step')} -> {last['loss']:.4f} at step "
+                 f"{last.get('step')} ({len(losses)} logged steps).")
+    no_ppo = "no PPO metrics (ppo/metrics.jsonl is missing or empty)"
+    reward_name = recipe.reward.name if recipe else "reward model"
+    target_kl = recipe.ppo.target_kl if recipe and recipe.ppo.adaptive_kl else None
+    return [
+        "## Training curves", "",
+        *_figure_md(run, "SFT", "sft_loss.png", plot_sft_loss(sft_rows, run.root / "sft_loss.png"),
+                    "SFT training loss per step", "no SFT metrics (sft/metrics.jsonl is missing or empty)", intro),
+        *_figure_md(run, "PPO reward", "ppo_reward.png",
+                    plot_ppo_reward(ppo_rows, run.root / "ppo_reward.png", reward_name),
+                    "PPO reward mean ± std and positive rate per step", no_ppo),
+        *_figure_md(run, "PPO KL", "ppo_kl.png", plot_ppo_kl(ppo_rows, run.root / "ppo_kl.png", target_kl),
+                    "KL to the reference and the KL coefficient per step", no_ppo),
+    ]
+
+
+def _samples_section(ev: dict | None) -> list[str]:
+    out = ["## Generations before and after PPO", ""]
+    before, after = (ev or {}).get("samples_before") or [], (ev or {}).get("samples_after") or []
+    if not before and not after:
+        return out + ["_No samples: ppo/eval.json is missing or holds no samples._", ""]
+    out.append("The same held-out prompts, sampled with the same seed, before and after PPO; reward = the reward "
+               "model's score of prompt + response.")
+    out.append("")
+    rows = []
+    for i in range(max(len(before), len(after))):
+        b = before[i] if i < len(before) else {}
+        a = after[i] if i < len(after) else {}
+        prompt = b.get("prompt", a.get("prompt", ""))
+        rows.append([str(i + 1), md_cell(prompt), md_cell(b.get("response", "—")), _num(b.get("reward"), "+.2f"),
+                     md_cell(a.get("response", "—")), _num(a.get("reward"), "+.2f")])
+    out.append(_table(["#", "prompt", "before PPO", "reward", "after PPO", "reward"], rows,
+                      ["---:", "---", "---", "---:", "---", "---:"]))
+    return out + [""]
+
+
+def _timings_section(timings: dict[str, float] | None, ppo_rows: list[dict]) -> list[str]:
+    phases = list(dict.fromkeys(k for r in ppo_rows for k in r if k.startswith("time_") and k != "time_step"))
+    if not timings and not phases:
+        return []
+    out = ["## Timings", ""]
+    if timings:
+        rows = [[md_cell(k), f"{v:.1f}"] for k, v in timings.items()]
+        rows.append(["**total**", f"**{sum(timings.values()):.1f}**"])
+        out += [_table(["step", "seconds (wall)"], rows, ["---", "---:"]), ""]
+    if phases:
+        n = len(ppo_rows)
+        total = sum(float(r.get("time_step", 0.0)) for r in ppo_rows) / n
+        rows = []
+        for key in phases:
+            mean = sum(float(r.get(key, 0.0)) for r in ppo_rows) / n
+            rows.append([key.removeprefix("time_"), f"{mean:.2f}", f"{100 * mean / total:.0f}%" if total > 0 else ""])
+        rows.append(["whole step", f"{total:.2f}", "100%" if total > 0 else ""])
+        out += ["### Where a PPO step spends its time", "", f"Mean over {n} PPO steps.", "",
+                _table(["phase", "seconds/step", "share"], rows, ["---", "---:", "---:"]), ""]
+    return out
+
+
+def _artifacts_section(run: Run) -> list[str]:
+    items = [
+        ("SFT LoRA adapter", run.sft_adapter),
+        ("SFT metrics", run.sft_dir / "metrics.jsonl"),
+        ("merged model (Hugging Face dir)", run.merged),
+        ("PPO policy adapter + value_head.safetensors", run.ppo_adapter),
+        ("PPO metrics", run.ppo_dir / "metrics.jsonl"),
+        ("PPO samples during training", run.ppo_dir / "samples.jsonl"),
+        ("PPO evaluation", run.ppo_dir / "eval.json"),
+        ("PPO checkpoints (resume)", run.ppo_checkpoints),
+    ]
+    rows = [[what, f"`{path.relative_to(run.root)}`", "yes" if path.exists() else "not yet"] for what, path in items]
+    return ["## Artifacts", "", f"All paths relative to `{run.root}`.", "",
+            _table(["what", "path", "present"], rows), ""]
+
+
+# --- entry point --------------------------------------------------------------------------------------------------
+
+
+def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
+    """Write RUN/report.md and the PNG plots beside it; return the path of report.md."""
+    sft_rows = read_jsonl(run.sft_dir / "metrics.jsonl")
+    ppo_rows = read_jsonl(run.ppo_dir / "metrics.jsonl")
+    ev = _read_json(run.ppo_dir / "eval.json")
+    if not run.recipe_path.is_file() and not sft_rows and not ppo_rows and ev is None:
+        raise UserError(f"{run.root} holds no rlhf run (no recipe.yaml, no metrics); nothing to report")
+
+    recipe_lines, recipe = _recipe_section(run)
+    lines = [
+        f"# rlhf run report: {run.root.name}",
+        "",
+        f"- run directory: `{run.root.resolve()}`",
+        f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *recipe_lines,
+        "",
+        *_eval_section(ev),
+        *_plots_section(run, sft_rows, ppo_rows, recipe),
+        *_samples_section(ev),
+        *_timings_section(timings, ppo_rows),
+        *_artifacts_section(run),
+    ]
+    path = run.root / "report.md"
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path

@@ -1,0 +1,153 @@
+"""`rlhf report`: report.md with the evaluation and generation tables, and readable PNG plots beside it.
+
+The runs here are written by hand in the layout of the run-directory contract (DESIGN.md), so the report is tested in
+seconds without training; tests/test_notebooks.py and the quickstart exercise it on a real run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from conftest import cli
+
+from rlhf.config import load_recipe
+from rlhf.io import append_jsonl, atomic_write_json
+from rlhf.report import md_cell, write_report
+from rlhf.runs import Run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("sft_loss.png", "ppo_reward.png", "ppo_kl.png")
+
+
+def write_sft(root: Path, steps: int = 40) -> None:
+    Run(root).write_recipe(load_recipe("quickstart"))
+    for step in range(1, steps + 1, 2):
+        append_jsonl(root / "sft" / "metrics.jsonl", {
+            "step": step, "loss": 3.0 * math.exp(-step / 15) + 1.2, "lr": 1e-3 * (1 - step / (steps + 1)),
+            "grad_norm": 0.5, "epoch": step / 200,
+        })
+
+
+def write_ppo(root: Path, steps: int = 30) -> None:
+    for step in range(1, steps + 1):
+        append_jsonl(root / "ppo" / "metrics.jsonl", {
+            "step": step, "reward_mean": -0.5 + step * 0.1, "reward_std": 2.0 - step * 0.02,
+            "positive_rate": min(1.0, 0.4 + step * 0.02), "kl": 0.3 * step, "kl_coef": 0.05 * (1 + step * 1e-4),
+            "policy_loss": -0.01, "value_loss": 1.5, "entropy": 1.7, "clipfrac": 0.1, "approx_kl": 0.02,
+            "response_len": 10.0, "tokens_per_s": 5.0, "peak_mem_bytes": 7 << 28,
+            "time_generate": 3.0, "time_reward": 0.2, "time_forward": 1.0, "time_train": 1.5, "time_step": 5.8,
+        })
+    append_jsonl(root / "ppo" / "samples.jsonl", {"step": 1, "prompt": "It is", "response": " fine", "reward": 0.1})
+    prompts = ["This film | that film", "So I\nfinally saw", "It is"]
+    atomic_write_json(root / "ppo" / "eval.json", {
+        "reward_before": -0.544, "reward_after": 2.125, "positive_rate_before": 0.375, "positive_rate_after": 0.875,
+        "kl_before": 0.0, "kl_after": 4.25, "perplexity_before": 3.84, "perplexity_after": 4.07, "n_prompts": 3,
+        "eval_split": "test", "steps": steps,
+        "samples_before": [{"prompt": p, "response": f" was dull|{i}", "reward": -1.5} for i, p in enumerate(prompts)],
+        "samples_after": [
+            {"prompt": p, "response": f" was a delight\n{i}", "reward": 3.25} for i, p in enumerate(prompts)
+        ],
+    })
+    for part in ("merged", "ppo/adapter", "sft/adapter"):
+        (root / part).mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture
+def full_run(tmp_path) -> Path:
+    root = tmp_path / "run"
+    write_sft(root)
+    write_ppo(root)
+    return root
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path.name} is not a PNG"
+    assert len(data) > 10_000, f"{path.name} is suspiciously small ({len(data)} bytes)"
+
+
+def test_full_run_gets_tables_and_every_plot(full_run):
+    path = write_report(Run(full_run), {"sft": 40.0, "merge": 3.5, "ppo": 120.25})
+
+    assert path == full_run / "report.md"
+    text = path.read_text()
+    assert text.startswith(f"# rlhf run report: {full_run.name}")
+    assert "quickstart" in text and "fixture:tiny-gpt-neox" in text and "quickstart-sentiment" in text
+    # the evaluation table: before, after and change for each metric, and the number of prompts
+    assert "| reward (mean score) | -0.544 | 2.125 | +2.669 |" in text
+    assert "| positive rate | 0.38 | 0.88 | +0.50 |" in text
+    assert "| KL to reference (nats/response) | 0.000 | 4.250 | +4.250 |" in text
+    assert "| perplexity on held-out text | 3.84 | 4.07 | +0.23 |" in text
+    assert "| prompts | 3 | 3 |  |" in text
+    for name in PLOTS:
+        assert f"]({name})" in text  # embedded with a relative link
+        assert_png(full_run / name)
+    assert "Not drawn" not in text
+    # generations: the same prompt before and after, pipes and newlines escaped so each sample stays one table row
+    assert "| 1 | This film \\| that film | was dull\\|0 | -1.50 | was a delight<br>0 | +3.25 |" in text
+    assert "| 2 | So I<br>finally saw |" in text
+    # timings given by the caller, and the PPO phases from metrics
+    assert "| ppo | 120.2 |" in text and "| **total** | **163.8** |" in text
+    assert "| generate | 3.00 | 52% |" in text
+    for artifact in ("`sft/adapter`", "`merged`", "`ppo/adapter`"):
+        assert artifact in text
+    assert not list(full_run.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_sft_only_run_gets_the_sft_plot_and_says_what_is_missing(tmp_path):
+    root = tmp_path / "sft-only"
+    write_sft(root)
+    (root / "ppo_kl.png").write_bytes(b"stale")  # from an earlier state of the run: must not survive
+
+    text = write_report(Run(root)).read_text()
+
+    assert_png(root / "sft_loss.png")
+    assert not (root / "ppo_reward.png").exists() and not (root / "ppo_kl.png").exists()
+    assert "](sft_loss.png)" in text and "](ppo_reward.png)" not in text
+    assert text.count("_Not drawn: no PPO metrics") == 2
+    assert "No PPO evaluation yet" in text and "No samples" in text
+    assert "## Timings" not in text
+    assert "| SFT LoRA adapter | `sft/adapter` | not yet |" in text  # this fake run has metrics but no adapter
+    assert "| PPO policy adapter + value_head.safetensors | `ppo/adapter` | not yet |" in text
+
+
+def test_report_is_rewritten_in_place(full_run):
+    write_report(Run(full_run))
+    first = (full_run / "report.md").read_text()
+    write_report(Run(full_run))
+    assert (full_run / "report.md").read_text().splitlines()[4:] == first.splitlines()[4:]  # all but the date
+
+
+def test_one_ppo_step_and_a_damaged_recipe_still_give_a_report(tmp_path):
+    root = tmp_path / "short"
+    write_ppo(root, steps=1)
+    (root / "recipe.yaml").write_text("model: [unclosed\n")
+
+    text = write_report(Run(root)).read_text()
+
+    assert "- recipe: unreadable" in text
+    assert_png(root / "ppo_reward.png")
+    assert_png(root / "ppo_kl.png")
+    assert "_Not drawn: no SFT metrics" in text
+
+def test_md_cell_keeps_one_row():
+    assert md_cell("a|b\nc\r\nd") == "a\\|b<br>c<br>d"
+    assert md_cell("<eos>") == "&lt;eos&gt;"
+    assert md_cell("   ") == "(empty)"
+    assert md_cell("x" * 1000).endswith("…") and len(md_cell("x" * 1000)) < 500
+
+
+def test_cli_report(full_run, capsys):
+    assert cli("report", "--run", full_run) == 0
+    assert str(full_run / "report.md") in capsys.readouterr().out
+    assert (full_run / "report.md").is_file()
+
+
+def test_cli_report_on_a_directory_without_a_run(tmp_path, capsys):
+    assert cli("report", "--run", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "no rlhf run" in err and str(tmp_path) in err
+    assert not (tmp_path / "report.md").exists()
+
