@@ -16,7 +16,7 @@ Real users tune EleutherAI/gpt-neox-20b on stanfordnlp/imdb with lvwerra/distilb
   ``DistilBertForSequenceClassification`` (labels NEGATIVE / POSITIVE) with its own lowercase WordPiece tokenizer,
   trained on the labelled reviews and on short fragments of them, because at PPO time it scores short texts.
 
-Everything is cached under ``cache_root()/fixtures-v2-seed{seed}/`` and built at most once: each artifact is built
+Everything is cached under ``cache_root()/fixtures-v3-seed{seed}/`` and built at most once: each artifact is built
 in a temporary directory beside its final place and renamed when complete, under a file lock, so an interrupted
 build leaves nothing half-written and two processes never build the same artifact at once. A build is
 deterministic for a seed on a given machine.
@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-FIXTURES_VERSION = "v2"  # bump when a change to this file changes what is built: old caches are then ignored
+FIXTURES_VERSION = "v3"  # bump when a change to this file changes what is built: old caches are then ignored
 
 # name used in recipes and on the command line -> subdirectory of the fixtures dir
 FIXTURE_NAMES = {
@@ -457,6 +457,11 @@ def build_policy(out: Path, imdb: Path, seed: int) -> str:
         eos_token_id=eos,
     )
     model = GPTNeoXForCausalLM(config)
+    # Give the output head's rows a realistic spread (gpt-neox-20b's are ~0.02*sqrt(6144) ~ 1.6 long). At width 64 the
+    # default std 0.02 leaves words that fill the same template slot so close that a frozen head and final LayerNorm
+    # cap their probability: LoRA on the linears then cannot go below ~0.7 nats on `rlhf sft --recipe memorize`.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(seed))
     blocks = lm_blocks(tokenizer, texts, PRETRAIN_BLOCK)
     loss = _pretrain(model, blocks, torch.Generator().manual_seed(seed))
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos)
