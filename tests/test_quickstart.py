@@ -7,15 +7,15 @@ import json
 from rlhf.io import read_jsonl
 
 # PPO on the quickstart must move the tiny policy clearly: the held-out reward (a POSITIVE logit, whose spread
-# across samples is ~2.5) must rise by at least 1.0, and at least 80% of held-out responses must read as positive
-# (measured: 0.57 -> 0.93; the 0.8 bar leaves room for run-to-run variation of the CPU int8 kernels).
+# across samples is ~2.5) must rise by at least 1.0, and at least 90% of held-out responses must read as positive
+# (measured: 0.53 -> 0.98 in 50 steps).
 REWARD_MARGIN = 1.0
 
 
 def test_ppo_raises_reward_and_positive_rate(quickstart_run):
     ev = json.loads((quickstart_run / "ppo/eval.json").read_text())
     assert ev["reward_after"] > ev["reward_before"] + REWARD_MARGIN, ev
-    assert ev["positive_rate_after"] >= 0.8, ev
+    assert ev["positive_rate_after"] >= 0.9, ev
     assert ev["positive_rate_before"] < 0.8, "the base must not already be positive, or the test shows nothing"
     assert ev["kl_before"] < 1e-3 < ev["kl_after"], "KL is zero before training and positive after"
     assert ev["n_prompts"] >= 64
