@@ -37,10 +37,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TINY = {  # the shape of rlhf's fixture:tiny-gpt-neox
-    "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 4096, "max_position_embeddings": 512,
-    "rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False, "hidden_act": "gelu",
-    "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float32",
+    "architectures": ["GPTNeoXForCausalLM"],
+    "model_type": "gpt_neox",
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "vocab_size": 4096,
+    "max_position_embeddings": 512,
+    "rotary_pct": 0.25,
+    "use_parallel_residual": True,
+    "tie_word_embeddings": False,
+    "hidden_act": "gelu",
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "torch_dtype": "float32",
 }
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -186,8 +197,10 @@ class Meter:
         return {"rss_delta": self.rss() - self.baseline}
 
     def peaks(self) -> dict[str, dict[str, int]]:
-        return {name: {k: max(r[k] for r in rs if k in r) for k in {k for r in rs for k in r}}
-                for name, rs in self.readings.items()}
+        return {
+            name: {k: max(r[k] for r in rs if k in r) for k in {k for r in rs for k in r}}
+            for name, rs in self.readings.items()
+        }
 
 
 def live_tensor_bytes() -> int:
@@ -242,11 +255,19 @@ def recipe_for(args, model_dir: Path):
     return Recipe(
         model=ModelConfig(name=str(model_dir), quantization=args.quantization, dtype=args.dtype),
         lora=LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.05, target_modules=targets),
-        sft=SftConfig(batch_size=args.sft_batch, block_size=args.block_size, optimizer="adamw",
-                      gradient_checkpointing=not args.no_checkpointing),
+        sft=SftConfig(
+            batch_size=args.sft_batch,
+            block_size=args.block_size,
+            optimizer="adamw",
+            gradient_checkpointing=not args.no_checkpointing,
+        ),
         ppo=PpoConfig(
-            batch_size=args.rollout, mini_batch_size=args.mini_batch, gradient_accumulation_steps=args.accumulation,
-            rollout_batch_size=args.rollout, prompt_min_tokens=args.prompt, prompt_max_tokens=args.prompt,
+            batch_size=args.rollout,
+            mini_batch_size=args.mini_batch,
+            gradient_accumulation_steps=args.accumulation,
+            rollout_batch_size=args.rollout,
+            prompt_min_tokens=args.prompt,
+            prompt_max_tokens=args.prompt,
             generation=GenerationConfig(min_new_tokens=args.response, max_new_tokens=args.response),
             lora=LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0, target_modules=targets),
             gradient_checkpointing=not args.no_checkpointing,
@@ -256,20 +277,26 @@ def recipe_for(args, model_dir: Path):
 
 
 def reward_spec(args) -> dict:
-    return {"model": "lvwerra/distilbert-imdb", "batch_size": args.reward_batch, "device": args.reward_device,
-            "max_length": 512}
+    return {
+        "model": "lvwerra/distilbert-imdb",
+        "batch_size": args.reward_batch,
+        "device": args.reward_device,
+        "max_length": 512,
+    }
 
 
 def load_policy(args, model_dir: Path, lora, checkpointing: bool):
     from rlhf import modeling
     from rlhf.config import ModelConfig
 
-    base = modeling.load_base(ModelConfig(name=str(model_dir), quantization=args.quantization, dtype=args.dtype),
-                              model_dir)
+    base = modeling.load_base(
+        ModelConfig(name=str(model_dir), quantization=args.quantization, dtype=args.dtype), model_dir
+    )
     modeling.prepare_for_training(base, checkpointing)
     if checkpointing and args.checkpointing != "modeling":
         base.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": args.checkpointing == "reentrant"})
+            gradient_checkpointing_kwargs={"use_reentrant": args.checkpointing == "reentrant"}
+        )
     return modeling.add_lora(base, lora)
 
 
@@ -393,8 +420,7 @@ def predict(args, model_dir: Path, step: str) -> dict:
                 "allocated": max(sum(m.values()) - m["overhead"] for m in present),
                 "reserved": max(sum(m.values()) for m in present) - est.context_bytes,
             }
-    return {"weights": est.components["weights"], "phases": phases, "components": est.components,
-            "peak": est.peak}
+    return {"weights": est.components["weights"], "phases": phases, "components": est.components, "peak": est.peak}
 
 
 def child(args) -> None:
@@ -432,18 +458,26 @@ def child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="EleutherAI/pythia-160m",
-                   help="'tiny', a hub id with a shipped or cached config.json, or a dir with config.json")
+    p.add_argument(
+        "--model",
+        default="EleutherAI/pythia-160m",
+        help="'tiny', a hub id with a shipped or cached config.json, or a dir with config.json",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", default="sft,ppo")
     p.add_argument("--quantization", choices=["8bit", "4bit", "none"], default="8bit")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                   help="default: float16 on cuda, float32 on cpu")
+    p.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda, float32 on cpu"
+    )
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-targets", default="query_key_value")
     p.add_argument("--no-checkpointing", action="store_true")
-    p.add_argument("--checkpointing", choices=["modeling", "reentrant", "non-reentrant"], default="modeling",
-                   help="gradient checkpointing as rlhf.modeling sets it up, or forced either way (and so predicted)")
+    p.add_argument(
+        "--checkpointing",
+        choices=["modeling", "reentrant", "non-reentrant"],
+        default="modeling",
+        help="gradient checkpointing as rlhf.modeling sets it up, or forced either way (and so predicted)",
+    )
     p.add_argument("--sft-batch", type=int, default=1)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--rollout", type=int, default=8, help="rollout batch (one chunk is generated, scored, trained)")
@@ -453,8 +487,12 @@ def main() -> None:
     p.add_argument("--response", type=int, default=16)
     p.add_argument("--reward-batch", type=int, default=16)
     p.add_argument("--reward-device", choices=["auto", "cuda", "cpu", "none"], default="auto")
-    p.add_argument("--iters", type=int, default=2,
-                   help="measured iterations after one warm-up (on the CPU the last one is profiled)")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=2,
+        help="measured iterations after one warm-up (on the CPU the last one is profiled)",
+    )
     p.add_argument("--no-profile", action="store_true", help="cpu: skip the tensor-level (profiler) measurement")
     p.add_argument("--limit", help="cuda: cap this process at a card's memory, e.g. 24GiB or rtx4090")
     p.add_argument("--workdir", default=os.environ.get("RLHF_MEMCHECK_DIR", "/tmp/rlhf-memcheck"))
@@ -479,8 +517,13 @@ def main() -> None:
     for step in args.steps.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--step", step, "--model-dir", str(model_dir)]
         # glibc keeps freed memory unless large blocks are mmapped: then the resident set follows the live tensors.
-        env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2",
-               **os.environ, "PYTHONWARNINGS": "ignore"}
+        env = {
+            "MALLOC_MMAP_THRESHOLD_": "65536",
+            "MALLOC_TRIM_THRESHOLD_": "131072",
+            "MALLOC_ARENA_MAX": "2",
+            **os.environ,
+            "PYTHONWARNINGS": "ignore",
+        }
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -540,8 +583,10 @@ def table(report: dict) -> str:
         if not entry:
             return "- | - |"
         error = entry["predicted"] - entry["measured"]
-        return (f"{entry['predicted'] / MiB:,.1f} / {entry['measured'] / MiB:,.1f} MiB | "
-                f"{error / MiB:+,.1f} MiB ({entry['error_pct']:+.1f}%) |")
+        return (
+            f"{entry['predicted'] / MiB:,.1f} / {entry['measured'] / MiB:,.1f} MiB | "
+            f"{error / MiB:+,.1f} MiB ({entry['error_pct']:+.1f}%) |"
+        )
 
     lines = [
         f"{report['model']} on {report['device']}, {report['date']}",

@@ -68,7 +68,15 @@ from rlhf.errors import DoesNotFit, UserError
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 COMPONENTS = (
-    "weights", "lora", "gradients", "optimizer", "activations", "logits", "kv_cache", "value_head", "reward_model",
+    "weights",
+    "lora",
+    "gradients",
+    "optimizer",
+    "activations",
+    "logits",
+    "kv_cache",
+    "value_head",
+    "reward_model",
     "overhead",
 )
 STEPS = ("sft", "merge", "ppo")
@@ -96,7 +104,15 @@ DEFAULT_REWARD = {"model": "lvwerra/distilbert-imdb", "batch_size": 16, "device"
 # --- sizes and devices ------------------------------------------------------------------------------------------
 
 _UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": KiB,
+    "mib": MiB,
+    "gib": GiB,
+    "tib": 1 << 40,
 }
 
 
@@ -273,8 +289,13 @@ class ModelShape:
         return max((lin.in_features * lin.out_features for lin in self.layer_linears if lin.quantized), default=0)
 
 
-def model_shape(name: str, revision: str | None = None, kind: str = "causal-lm", trust_remote_code: bool = False,
-                what: str = "model") -> ModelShape:
+def model_shape(
+    name: str,
+    revision: str | None = None,
+    kind: str = "causal-lm",
+    trust_remote_code: bool = False,
+    what: str = "model",
+) -> ModelShape:
     config_path = find_config(name, revision, what)
     return _shape_from_config(config_path.read_text(), str(config_path), name, kind, trust_remote_code)
 
@@ -627,8 +648,10 @@ def _int8_kept_note(shape: ModelShape, s: TrainSetup, tokens: int, checkpointing
     if not (checkpointing and s.quantization == "8bit" and not s.reentrant):
         return []
     kept = shape.layers * s.d * (3 * shape.hidden + shape.intermediate) * tokens
-    return [f"activations include {format_bytes(kept)} of LLM.int8 matmul inputs that non-reentrant gradient "
-            f"checkpointing keeps for every layer (use_reentrant=True in rlhf.modeling would free them)"]
+    return [
+        f"activations include {format_bytes(kept)} of LLM.int8 matmul inputs that non-reentrant gradient "
+        f"checkpointing keeps for every layer (use_reentrant=True in rlhf.modeling would free them)"
+    ]
 
 
 def _estimate_sft(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[dict, str, list[str]]:
@@ -639,8 +662,9 @@ def _estimate_sft(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[
         "weights": weight_bytes(shape, s.quantization, s.d),
         "lora": 4 * n_lora,
         "gradients": 4 * n_lora,  # kept across gradient-accumulation micro-batches
-        "optimizer": optimizer_bytes(lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)),
-                                     cfg.optimizer == "adamw_8bit"),
+        "optimizer": optimizer_bytes(
+            lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)), cfg.optimizer == "adamw_8bit"
+        ),
     }
     at_loss, at_backward = train_activations(shape, s, cfg.batch_size, cfg.block_size, cfg.gradient_checkpointing)
     logits = 12 * cfg.batch_size * cfg.block_size * shape.vocab  # fp32 upcast + fp32 log-softmax + fp32 gradient
@@ -732,11 +756,17 @@ def _estimate_ppo(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dic
     head = resident["value_head"] + micro * seq * h * d + 4 * micro * response * h  # hidden kept, fp32 copy saved
     update_logits = micro * kept * V * d
     update_loss = {
-        **resident, "gradients": grads, "activations": at_loss, "value_head": head,
+        **resident,
+        "gradients": grads,
+        "activations": at_loss,
+        "value_head": head,
         "logits": update_logits + 2 * 4 * chunk * V,
     }
     update_backward = {
-        **resident, "gradients": grads, "activations": at_backward, "value_head": head,
+        **resident,
+        "gradients": grads,
+        "activations": at_backward,
+        "value_head": head,
         "logits": 2 * update_logits + 4 * 4 * chunk * V,  # logits kept for backward, their gradient, fp32 chunks
     }
     moments = {
@@ -769,8 +799,9 @@ def _estimate_merge(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
     n_lora = lora_params(shape, recipe.lora.rank, list(recipe.lora.target_modules))
     parts = {"weights": largest, "lora": 2 * 4 * n_lora, "overhead": PROCESS_RAM}
     disk = out * shape.params  # non-persistent buffers (rotary frequencies) are not saved
-    settings = (f"streamed on the CPU, one tensor at a time, to {recipe.merge.dtype} shards of "
-                f"{recipe.merge.max_shard_size}")
+    settings = (
+        f"streamed on the CPU, one tensor at a time, to {recipe.merge.dtype} shards of {recipe.merge.max_shard_size}"
+    )
     return parts, disk, settings
 
 
@@ -894,8 +925,9 @@ def _divisors(n: int) -> list[int]:
 
 def _reestimate(est: Estimate, changes: tuple[Change, ...]) -> Estimate:
     recipe, spec = apply_changes(est.recipe, est.reward_spec, changes)
-    return estimate(recipe, est.step, est.device_bytes, spec, device_kind=est.device_kind,
-                    device_description=est.device)
+    return estimate(
+        recipe, est.step, est.device_bytes, spec, device_kind=est.device_kind, device_description=est.device
+    )
 
 
 def _first_fitting(est: Estimate, base: tuple[Change, ...], options: list[tuple[Change, ...]]) -> tuple[Change, ...]:
@@ -917,15 +949,25 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
         if not cfg.gradient_checkpointing:
             knobs.append([(Change("sft.gradient_checkpointing", True, 1, "~30% slower steps, same training"),)])
         effective = cfg.batch_size * cfg.gradient_accumulation_steps
-        knobs.append([
-            (Change("sft.batch_size", b, 1, "smaller micro-batches, same effective batch: slower"),
-             Change("sft.gradient_accumulation_steps", effective // b, 1, ""))
-            for b in _divisors(effective) if b < cfg.batch_size
-        ])
+        knobs.append(
+            [
+                (
+                    Change("sft.batch_size", b, 1, "smaller micro-batches, same effective batch: slower"),
+                    Change("sft.gradient_accumulation_steps", effective // b, 1, ""),
+                )
+                for b in _divisors(effective)
+                if b < cfg.batch_size
+            ]
+        )
         if cfg.optimizer == "adamw":
             knobs.append([(Change("sft.optimizer", "adamw_8bit", 2, EIGHT_BIT_ADAM),)])
-        knobs.append([(Change("sft.block_size", b, 3, "shorter training blocks: less context per example"),)
-                      for b in (cfg.block_size // 2**k for k in range(1, 8)) if b >= 64])
+        knobs.append(
+            [
+                (Change("sft.block_size", b, 3, "shorter training blocks: less context per example"),)
+                for b in (cfg.block_size // 2**k for k in range(1, 8))
+                if b >= 64
+            ]
+        )
     elif est.step == "ppo":
         cfg, gen = recipe.ppo, recipe.ppo.generation
         spec = est.reward_spec or {}
@@ -935,18 +977,37 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
         if not cfg.gradient_checkpointing:
             knobs.append([(Change("ppo.gradient_checkpointing", True, 1, "~30% slower updates, same training"),)])
         micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-        knobs.append([(Change("ppo.gradient_accumulation_steps", cfg.mini_batch_size // m, 1,
-                              "smaller micro-batches, same mini-batch: slower updates"),)
-                      for m in _divisors(cfg.mini_batch_size) if m < micro])
-        knobs.append([(Change("ppo.rollout_batch_size", r, 1, "generate and score fewer sequences at once: slower"),)
-                      for r in _divisors(cfg.batch_size) if r < min(cfg.rollout_batch_size, cfg.batch_size)])
+        knobs.append(
+            [
+                (
+                    Change(
+                        "ppo.gradient_accumulation_steps",
+                        cfg.mini_batch_size // m,
+                        1,
+                        "smaller micro-batches, same mini-batch: slower updates",
+                    ),
+                )
+                for m in _divisors(cfg.mini_batch_size)
+                if m < micro
+            ]
+        )
+        knobs.append(
+            [
+                (Change("ppo.rollout_batch_size", r, 1, "generate and score fewer sequences at once: slower"),)
+                for r in _divisors(cfg.batch_size)
+                if r < min(cfg.rollout_batch_size, cfg.batch_size)
+            ]
+        )
         if cfg.optimizer == "adam":
             knobs.append([(Change("ppo.optimizer", "adam_8bit", 2, EIGHT_BIT_ADAM),)])
-        knobs.append([
-            (Change("ppo.generation.max_new_tokens", n, 3, "shorter responses"),)
-            + ((Change("ppo.generation.min_new_tokens", n, 3, ""),) if gen.min_new_tokens > n else ())
-            for n in (gen.max_new_tokens // 2**k for k in range(1, 6)) if n >= 1
-        ])
+        knobs.append(
+            [
+                (Change("ppo.generation.max_new_tokens", n, 3, "shorter responses"),)
+                + ((Change("ppo.generation.min_new_tokens", n, 3, ""),) if gen.min_new_tokens > n else ())
+                for n in (gen.max_new_tokens // 2**k for k in range(1, 6))
+                if n >= 1
+            ]
+        )
     else:
         return []
     if recipe.model.quantization != "4bit":
@@ -1063,8 +1124,9 @@ def render_table(est: Estimate, suggestions: bool = True) -> str:
         others = ", ".join(f"{name} {format_bytes(size)}" for name, size in est.moment_totals.items())
         lines.append(f"  each moment: {others}")
     if est.context_bytes:
-        lines.append(f"  overhead includes the CUDA context ({format_bytes(est.context_bytes)}), outside torch's "
-                     f"reserved memory")
+        lines.append(
+            f"  overhead includes the CUDA context ({format_bytes(est.context_bytes)}), outside torch's reserved memory"
+        )
     for note in est.notes:
         lines.append(f"  {note}")
     if est.disk_bytes is not None:
@@ -1075,8 +1137,10 @@ def render_table(est: Estimate, suggestions: bool = True) -> str:
     if suggestions and not est.fits:
         ranked = suggest(est)
         if ranked:
-            lines.append("cheapest changes, each re-estimated (recipe KEY=VALUE overrides; reward-spec: the "
-                         "reward model's YAML):")
+            lines.append(
+                "cheapest changes, each re-estimated (recipe KEY=VALUE overrides; reward-spec: the "
+                "reward model's YAML):"
+            )
             for n, s in enumerate(ranked, 1):
                 status = "fits" if s.fits else "still over"
                 why = "; ".join(c.why for c in s.changes if c.why)
@@ -1088,13 +1152,16 @@ def verdict(est: Estimate) -> str:
     total, device = est.total_bytes, est.device_bytes
     share = f"{100 * abs(est.margin) / device:.1f}%" if device else "-"
     if not est.disk_fits:
-        return (f"does NOT fit: the merged model needs {format_bytes(est.disk_bytes)} of disk, "
-                f"{format_bytes(est.disk_free)} free")
+        return (
+            f"does NOT fit: the merged model needs {format_bytes(est.disk_bytes)} of disk, "
+            f"{format_bytes(est.disk_free)} free"
+        )
     if est.fits:
-        return (f"fits: {format_bytes(total)} of {format_bytes(device)}, "
-                f"{format_bytes(est.margin)} ({share}) to spare")
-    return (f"does NOT fit: needs {format_bytes(total)}, has {format_bytes(device)} "
-            f"({format_bytes(-est.margin)} over, {share})")
+        return f"fits: {format_bytes(total)} of {format_bytes(device)}, {format_bytes(est.margin)} ({share}) to spare"
+    return (
+        f"does NOT fit: needs {format_bytes(total)}, has {format_bytes(device)} "
+        f"({format_bytes(-est.margin)} over, {share})"
+    )
 
 
 def main(recipe: Recipe, step: str, gpu: str | None, as_json: bool) -> int:
@@ -1103,8 +1170,9 @@ def main(recipe: Recipe, step: str, gpu: str | None, as_json: bool) -> int:
     estimates = []
     for name in steps:
         device = ram_device() if name == "merge" else resolve_device(gpu, recipe)
-        estimates.append(estimate(recipe, name, device.bytes, device_kind=device.kind,
-                                  device_description=device.description))
+        estimates.append(
+            estimate(recipe, name, device.bytes, device_kind=device.kind, device_description=device.description)
+        )
     if as_json:
         data = [e.to_json() for e in estimates]
         print(json.dumps(data if step == "all" else data[0], indent=2))
@@ -1113,19 +1181,24 @@ def main(recipe: Recipe, step: str, gpu: str | None, as_json: bool) -> int:
     return 0
 
 
-def preflight(recipe: Recipe, step: str, gpu: str | None, force: bool, out=sys.stdout,
-              disk_path: Path | str | None = None) -> Estimate:
+def preflight(
+    recipe: Recipe, step: str, gpu: str | None, force: bool, out=sys.stdout, disk_path: Path | str | None = None
+) -> Estimate:
     """Print the budget for `step`; raise DoesNotFit when it will not fit, unless `force` (then warn and go on)."""
     device = ram_device() if step == "merge" else resolve_device(gpu, recipe)
-    est = estimate(recipe, step, device.bytes, device_kind=device.kind, device_description=device.description,
-                   disk_path=disk_path)
+    est = estimate(
+        recipe, step, device.bytes, device_kind=device.kind, device_description=device.description, disk_path=disk_path
+    )
     report = render_table(est)
     print(report, file=out, flush=True)
     if est.fits:
         return est
     if force:
-        print(f"warning: {step} is predicted not to fit ({verdict(est)}); going on because of --force",
-              file=out, flush=True)
+        print(
+            f"warning: {step} is predicted not to fit ({verdict(est)}); going on because of --force",
+            file=out,
+            flush=True,
+        )
         return est
     ranked = suggest(est)
     hint = next((s for s in ranked if s.fits), None)
@@ -1153,8 +1226,13 @@ def auto_fit(recipe: Recipe, step: str, gpu: str | None) -> Recipe:
     if step == "sft":
         effective = recipe.sft.batch_size * recipe.sft.gradient_accumulation_steps
         options = [
-            recipe.model_copy(update={"sft": recipe.sft.model_copy(
-                update={"batch_size": b, "gradient_accumulation_steps": effective // b})})
+            recipe.model_copy(
+                update={
+                    "sft": recipe.sft.model_copy(
+                        update={"batch_size": b, "gradient_accumulation_steps": effective // b}
+                    )
+                }
+            )
             for b in _divisors(effective)
         ]
     elif step == "ppo":

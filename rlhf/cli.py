@@ -32,7 +32,8 @@ def _add_recipe(p: argparse.ArgumentParser, default: str | None = None) -> None:
         "--recipe",
         metavar="NAME|PATH",
         default=default,
-        help="a shipped recipe (gpt-neox-20b, quickstart, memorize) or a YAML file" + (f"; default {default}" if default else ""),
+        help="a shipped recipe (gpt-neox-20b, quickstart, memorize) or a YAML file"
+        + (f"; default {default}" if default else ""),
     )
 
 
@@ -46,12 +47,28 @@ def _add_gpu(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", metavar="DIR", help="run directory (default: a new one under runs/ for sft, else runs/latest)")
+    p.add_argument(
+        "--run", metavar="DIR", help="run directory (default: a new one under runs/ for sft, else runs/latest)"
+    )
     _add_gpu(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--force", action="store_true", help="go on although the budget says it will not fit; redo a finished step")
-    p.add_argument("--auto-fit", action="store_true", help="pick the largest micro-batch that fits; keep the effective batch")
+    p.add_argument(
+        "--force", action="store_true", help="go on although the budget says it will not fit; redo a finished step"
+    )
+    p.add_argument(
+        "--auto-fit", action="store_true", help="pick the largest micro-batch that fits; keep the effective batch"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. lora.rank=8")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sft", help="step 1: LoRA fine-tune a quantized base on text", epilog=EPILOG_OVERRIDES)
     _add_recipe(p)
-    p.add_argument("--model", metavar="ALIAS|HUB_ID|PATH", help="a recipe alias (gpt-neox-20b), a hub id or a local dir")
-    p.add_argument("--dataset", metavar="HUB_ID|PATH", help="a hub dataset, or a local json/jsonl/csv/parquet/txt file or dir")
+    p.add_argument(
+        "--model", metavar="ALIAS|HUB_ID|PATH", help="a recipe alias (gpt-neox-20b), a hub id or a local dir"
+    )
+    p.add_argument(
+        "--dataset", metavar="HUB_ID|PATH", help="a hub dataset, or a local json/jsonl/csv/parquet/txt file or dir"
+    )
     _add_common_train(p)
 
     p = sub.add_parser("merge", help="step 2: merge the SFT adapter into the fp16 base, shard by shard")
@@ -81,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ppo", help="step 3: PPO on the merged model with a reward model", epilog=EPILOG_OVERRIDES)
     _add_recipe(p)
-    p.add_argument("--reward", metavar="NAME|PATH", help="a reward_models/NAME.yaml or a path to one (default: the recipe's)")
+    p.add_argument(
+        "--reward", metavar="NAME|PATH", help="a reward_models/NAME.yaml or a path to one (default: the recipe's)"
+    )
     _add_common_train(p)
 
     p = sub.add_parser("budget", help="predict memory, component by component, and say whether it fits")
@@ -96,16 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--model", metavar="ALIAS|HUB_ID|PATH", help="a recipe alias, a hub id or a local dir")
     p.add_argument("--dataset", metavar="HUB_ID|PATH", help="dataset to preview")
-    p.add_argument("-n", type=int, default=3, metavar="N", help="number of examples (default 3)")
+    p.add_argument("-n", type=_positive_int, default=3, metavar="N", help="number of examples (default 3)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
-    p = sub.add_parser("quickstart", help="the whole flow offline on tiny models: budget, sft, merge, ppo, eval, report")
+    p = sub.add_parser(
+        "quickstart", help="the whole flow offline on tiny models: budget, sft, merge, ppo, eval, report"
+    )
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/quickstart-<time>)")
     p.add_argument("--force", action="store_true", help="reuse a run directory that holds a quickstart run")
 
     p = sub.add_parser("report", help="write RUN/report.md and its plots for a run")
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/latest)")
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """argparse, with KEY=VALUE overrides allowed anywhere (`rlhf ppo a=1 --resume b=2`): plain argparse takes the
+    positionals once and calls the ones after a flag unrecognized."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if any(item.startswith("-") for item in extra) or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
 
 
 def resolve_recipe(args: argparse.Namespace, default: str | None = None):
@@ -120,6 +157,7 @@ def resolve_recipe(args: argparse.Namespace, default: str | None = None):
     if model:
         if model.endswith((".yaml", ".yml")):
             raise UserError(f"--model {model} looks like a recipe file; pass it as --recipe {model}")
+        _check_model_name(model)
         overrides.insert(0, f"model.name={model}")
     dataset = getattr(args, "dataset", None)
     if dataset:
@@ -128,6 +166,24 @@ def resolve_recipe(args: argparse.Namespace, default: str | None = None):
         name = default
     # Quote values so a hub id or a path is never re-typed by YAML (e.g. a name like 1e5).
     return load_recipe(name, [_quote_first_class(o) for o in overrides])
+
+
+def _check_model_name(model: str) -> None:
+    """A bare name (no org/) that is no recipe alias, no local path and not cached is a typo when the hub is offline:
+    say which aliases exist rather than what a hub lookup could not find."""
+    from rlhf.config import available_recipes
+    from rlhf.resolve import is_fixture
+
+    if "/" in model or is_fixture(model) or Path(model).expanduser().exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise UserError(
+            f"--model {model} is not a recipe alias ({', '.join(available_recipes())}), not a local directory, and "
+            f"the hub is offline (HF_HUB_OFFLINE=1), so it cannot be a hub id here either; pass an alias or a local "
+            f"model directory"
+        )
 
 
 def _quote_first_class(item: str) -> str:
@@ -144,8 +200,16 @@ def cmd_sft(args) -> int:
     recipe = resolve_recipe(args)
     if args.auto_fit:
         recipe = budget.auto_fit(recipe, "sft", args.gpu)
+    if not args.run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("with several processes (accelerate launch), pass --run DIR so that all of them use one run")
     run = Run(Path(args.run)) if args.run else new_run_dir(recipe)
-    sft.run(recipe, run, resume=args.resume, force=args.force, gpu=args.gpu)
+
+    def attempt(recipe, retry: bool) -> None:
+        # A retry continues from a checkpoint when there is one; else it starts over in the directory it just made.
+        resume = args.resume or (retry and sft.last_checkpoint(run) is not None)
+        sft.run(recipe, run, resume=resume, force=args.force or (retry and not resume), gpu=args.gpu)
+
+    _retry_on_oom("sft", recipe, args, attempt)
     return 0
 
 
@@ -154,16 +218,114 @@ def cmd_merge(args) -> int:
 
     if args.weights and not args.adapters:
         raise UserError("--weights goes with --adapters A B ...: one weight per adapter")
-    result = merge.run(args.run, dtype=args.dtype, force=args.force, adapters=args.adapters, weights=args.weights,
-                       method=args.method)
+    result = merge.run(
+        args.run, dtype=args.dtype, force=args.force, adapters=args.adapters, weights=args.weights, method=args.method
+    )
     return 0 if result is not None else 1
 
 
 def cmd_ppo(args) -> int:
+    from rlhf import budget
     from rlhf.ppo import trainer
 
-    trainer.main(args)
+    run, recipe = trainer.recipe_for(args)
+    if args.auto_fit:
+        recipe = budget.auto_fit(recipe, "ppo", args.gpu)
+
+    def attempt(recipe, retry: bool) -> None:
+        resume = args.resume or (retry and any(run.ppo_checkpoints.glob("step-*")))
+        trainer.run(
+            recipe, run, reward=args.reward, resume=resume, force=args.force or (retry and not resume), gpu=args.gpu
+        )
+
+    _retry_on_oom("ppo", recipe, args, attempt)
     return 0
+
+
+def _retry_on_oom(step: str, recipe, args, attempt) -> None:
+    """Run `attempt(recipe, retry=False)`. On CUDA out-of-memory print this step's budget with the changes that shrink
+    it, instead of a traceback; with --auto-fit retry once with the micro-batch halved (same effective batch)."""
+    import torch
+
+    for retry in (False, True):
+        try:
+            attempt(recipe, retry)
+            return
+        except torch.OutOfMemoryError as exc:
+            reason = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        # Out of the except block, the failed step's frames (and their tensors) can be freed.
+        _release_memory()
+        _print_oom_budget(step, recipe, args.gpu)
+        smaller = _halved(step, recipe) if args.auto_fit and not retry else None
+        if smaller is None:
+            again = "" if args.auto_fit else ", or rerun with --auto-fit"
+            raise DoesNotFit(
+                f"{step} ran out of GPU memory ({reason}); apply a change from the budget above as KEY=VALUE{again}"
+            )
+        recipe, change = smaller
+        print(f"rlhf: warning: {step} ran out of GPU memory; --auto-fit: retrying once with {change}", file=sys.stderr)
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _print_oom_budget(step: str, recipe, gpu: str | None) -> None:
+    """The budget table of the failed step; when it predicted a fit, planned against 3/4 of its own prediction, so
+    that the table lists the changes that would have made room."""
+    from rlhf import budget
+
+    try:
+        device = budget.resolve_device(gpu, recipe)
+        est = budget.estimate(
+            recipe, step, device.bytes, device_kind=device.kind, device_description=device.description
+        )
+        if est.fits:
+            limit = int(est.total_bytes * 0.75)
+            est = budget.estimate(
+                recipe,
+                step,
+                limit,
+                device_kind=device.kind,
+                device_description=(
+                    f"{budget.format_bytes(limit)}, 3/4 of the predicted peak (the real one was higher: it ran out)"
+                ),
+            )
+    except UserError:
+        return  # the step ran, so this should not happen; the one-line error still says what to do
+    print(budget.render_table(est), flush=True)
+
+
+def _halved(step: str, recipe):
+    """(recipe, "KEY=VALUE ...") with half the micro-batch and the same effective batch; None when it is already 1."""
+
+    def largest_divisor(n: int, at_most: int) -> int:
+        return max(d for d in range(1, max(at_most, 1) + 1) if n % d == 0)
+
+    if step == "sft":
+        cfg = recipe.sft
+        effective = cfg.batch_size * cfg.gradient_accumulation_steps
+        if cfg.batch_size < 2:
+            return None
+        batch = largest_divisor(effective, cfg.batch_size // 2)
+        update = {"batch_size": batch, "gradient_accumulation_steps": effective // batch}
+        recipe = recipe.model_copy(update={"sft": cfg.model_copy(update=update)})
+        return recipe, f"sft.batch_size={batch} sft.gradient_accumulation_steps={effective // batch}"
+    cfg = recipe.ppo
+    micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    if micro < 2 and cfg.rollout_batch_size < 2:
+        return None
+    micro = largest_divisor(cfg.mini_batch_size, micro // 2)
+    rollout = largest_divisor(cfg.batch_size, min(cfg.rollout_batch_size, cfg.batch_size) // 2)
+    update = {"gradient_accumulation_steps": cfg.mini_batch_size // micro, "rollout_batch_size": rollout}
+    recipe = recipe.model_copy(update={"ppo": cfg.model_copy(update=update)})
+    return recipe, f"ppo.gradient_accumulation_steps={cfg.mini_batch_size // micro} ppo.rollout_batch_size={rollout}"
 
 
 def cmd_budget(args) -> int:
@@ -211,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("RLHF_DEBUG") == "1"
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         if args.command is None:
             build_parser().print_help()
             return 2

@@ -23,7 +23,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("EleutherAI/gpt-neox-20b", description="hub id, local directory, or fixture:NAME")
+    name: str = Field("EleutherAI/gpt-neox-20b", min_length=1, description="hub id, local directory, or fixture:NAME")
     revision: str | None = None
     quantization: Literal["8bit", "4bit", "none"] = "8bit"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -43,7 +43,7 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: str = Field("stanfordnlp/imdb", description="hub id, local file or directory, or fixture:NAME")
+    dataset: str = Field("stanfordnlp/imdb", min_length=1, description="hub id, local file or dir, or fixture:NAME")
     config_name: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
@@ -205,8 +205,8 @@ def find_recipe(name_or_path: str) -> Path | None:
     return None
 
 
-def _model_for(path: tuple[str, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Recipe
+def _model_for(path: tuple[str, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    model: type[BaseModel] = root or Recipe
     for key in path:
         field = model.model_fields.get(key)
         if field is None:
@@ -218,13 +218,14 @@ def _model_for(path: tuple[str, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
+    """One validation error as a sentence; `root` is the model validated (default: the Recipe)."""
     loc = tuple(str(p) for p in error["loc"])
     key = ".".join(loc)
     kind = error["type"]
     if kind == "extra_forbidden":
         section = loc[:-1]
-        model = _model_for(section)
+        model = _model_for(section, root)
         valid = ", ".join(model.model_fields) if model else "?"
         where = f"section '{'.'.join(section)}'" if section else "the top level"
         return f"unknown key '{key}'; valid keys in {where}: {valid}"
@@ -282,7 +283,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "a recipe (model:, lora:, ... sections)") -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -292,10 +293,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}:{where}: malformed YAML ({problem}); fix the file and run again") from None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (UTF-8); pass {what} in YAML") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of sections (model:, lora:, ...), not {type(data).__name__}")
+        raise UserError(f"{path}: {what} must be a mapping of keys (key: value), not {type(data).__name__}")
     return data
 
 
@@ -311,6 +314,11 @@ def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) ->
                 f"({', '.join(available_recipes())})"
             )
         raw = read_yaml(path)
+        if not raw:
+            raise UserError(
+                f"recipe file {path} is empty; set at least model: and data: (copy recipes/quickstart.yaml to start), "
+                f"or pass a shipped recipe: {', '.join(available_recipes())}"
+            )
         source = str(path) if path.parent != recipes_dir() else f"recipe '{path.stem}'"
         raw.setdefault("name", path.stem)
     raw = apply_overrides(raw, overrides or [])

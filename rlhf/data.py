@@ -23,6 +23,19 @@ def _split_files(directory: Path) -> dict[str, list[str]]:
     return files
 
 
+def _load_files(builder: str, files: dict[str, list[str]], where: Path):
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=files)
+    except Exception as exc:  # a malformed file surfaces as DatasetGenerationError with the parser's error inside
+        cause = exc.__cause__ or exc
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        hint = " (one JSON object per line, each with the field data.text_column names)" if builder == "json" else ""
+        problem = f"cannot read {where} as {builder} ({type(cause).__name__}: {detail}); fix the file{hint}"
+        raise UserError(problem) from None
+
+
 def _load_local(path: Path, config_name: str | None):
     import datasets
 
@@ -30,14 +43,14 @@ def _load_local(path: Path, config_name: str | None):
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise UserError(f"cannot read {path}: use a .json/.jsonl/.csv/.parquet/.txt file or a dataset directory")
-        return datasets.load_dataset(builder, data_files={"train": str(path)})
+        return _load_files(builder, {"train": [str(path)]}, path)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     files = _split_files(path)
     suffixes = {Path(f).suffix for fs in files.values() for f in fs}
     if files and len({FILE_BUILDERS[s] for s in suffixes}) == 1 and not (path / "README.md").is_file():
-        return datasets.load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=files)
+        return _load_files(FILE_BUILDERS[suffixes.pop()], files, path)
     try:
         return datasets.load_dataset(str(path), config_name)
     except (FileNotFoundError, ValueError) as exc:

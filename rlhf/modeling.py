@@ -102,6 +102,7 @@ def load_base(cfg: ModelConfig, path: Path | str, quantization: str | None = Non
     # Name the base as the user did (hub id or fixture name), not the cache path it was read from: the adapter's
     # base_model_name_or_path then says what it was trained on, on any machine.
     model.config._name_or_path = cfg.name
+    model.name_or_path = cfg.name  # what peft writes as base_model_name_or_path (read from the instance, not config)
     model.requires_grad_(False)
     return model
 

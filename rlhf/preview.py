@@ -45,10 +45,16 @@ def check(tokenizer, texts: list[str], blocks, recipe: Recipe) -> list[str]:
         warnings.append("double BOS: the text already starts with BOS and the tokenizer adds another")
     if tokenizer.pad_token_id == eos and not recipe.sft.pack:
         lost = sum(
-            1 for ids, labs in zip(blocks.input_ids, blocks.labels) for t, lab in zip(ids, labs) if t == eos and lab == -100
+            1
+            for ids, labs in zip(blocks.input_ids, blocks.labels)
+            for t, lab in zip(ids, labs)
+            if t == eos and lab == -100
         )
         counted = sum(
-            1 for ids, labs in zip(blocks.input_ids, blocks.labels) for t, lab in zip(ids, labs) if t == eos and lab != -100
+            1
+            for ids, labs in zip(blocks.input_ids, blocks.labels)
+            for t, lab in zip(ids, labs)
+            if t == eos and lab != -100
         )
         if counted == 0 and lost:
             warnings.append("pad == EOS and every EOS is masked out of the loss: the model will never learn to stop")

@@ -66,14 +66,17 @@ def main(run_dir: str | None = None, force: bool = False) -> int:
     total = time.time() - started
 
     ev = result.eval
-    print(f"\nquickstart done in {total:.0f}s wall "
-          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    print(f"\nquickstart done in {total:.0f}s wall ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
     if ev:
         print(f"  reward         {ev['reward_before']:+.3f} -> {ev['reward_after']:+.3f}")
-        print(f"  positive rate  {ev['positive_rate_before']:.2f} -> {ev['positive_rate_after']:.2f}"
-              f"  ({ev['n_prompts']} held-out prompts)")
-        print(f"  KL to reference {ev['kl_after']:.2f} nats; perplexity {ev['perplexity_before']:.2f} -> "
-              f"{ev['perplexity_after']:.2f}")
+        print(
+            f"  positive rate  {ev['positive_rate_before']:.2f} -> {ev['positive_rate_after']:.2f}"
+            f"  ({ev['n_prompts']} held-out prompts)"
+        )
+        print(
+            f"  KL to reference {ev['kl_after']:.2f} nats; perplexity {ev['perplexity_before']:.2f} -> "
+            f"{ev['perplexity_after']:.2f}"
+        )
     print(f"  artifacts: {run.root}/ (sft/adapter, merged/, ppo/adapter, ppo/eval.json)")
     print(f"  report:    {report_path}")
     print(REAL_FLOW)

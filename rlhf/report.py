@@ -234,20 +234,41 @@ def _plots_section(run: Run, sft_rows: list[dict], ppo_rows: list[dict], recipe:
     intro = ""
     if losses:
         first, last = losses[0], losses[-1]
-        intro = (f"Loss {first['loss']:.4f} at step {first.get('step')} -> {last['loss']:.4f} at step "
-                 f"{last.get('step')} ({len(losses)} logged steps).")
+        intro = (
+            f"Loss {first['loss']:.4f} at step {first.get('step')} -> {last['loss']:.4f} at step "
+            f"{last.get('step')} ({len(losses)} logged steps)."
+        )
     no_ppo = "no PPO metrics (ppo/metrics.jsonl is missing or empty)"
     reward_name = recipe.reward.name if recipe else "reward model"
     target_kl = recipe.ppo.target_kl if recipe and recipe.ppo.adaptive_kl else None
     return [
-        "## Training curves", "",
-        *_figure_md(run, "SFT", "sft_loss.png", plot_sft_loss(sft_rows, run.root / "sft_loss.png"),
-                    "SFT training loss per step", "no SFT metrics (sft/metrics.jsonl is missing or empty)", intro),
-        *_figure_md(run, "PPO reward", "ppo_reward.png",
-                    plot_ppo_reward(ppo_rows, run.root / "ppo_reward.png", reward_name),
-                    "PPO reward mean ± std and positive rate per step", no_ppo),
-        *_figure_md(run, "PPO KL", "ppo_kl.png", plot_ppo_kl(ppo_rows, run.root / "ppo_kl.png", target_kl),
-                    "KL to the reference and the KL coefficient per step", no_ppo),
+        "## Training curves",
+        "",
+        *_figure_md(
+            run,
+            "SFT",
+            "sft_loss.png",
+            plot_sft_loss(sft_rows, run.root / "sft_loss.png"),
+            "SFT training loss per step",
+            "no SFT metrics (sft/metrics.jsonl is missing or empty)",
+            intro,
+        ),
+        *_figure_md(
+            run,
+            "PPO reward",
+            "ppo_reward.png",
+            plot_ppo_reward(ppo_rows, run.root / "ppo_reward.png", reward_name),
+            "PPO reward mean ± std and positive rate per step",
+            no_ppo,
+        ),
+        *_figure_md(
+            run,
+            "PPO KL",
+            "ppo_kl.png",
+            plot_ppo_kl(ppo_rows, run.root / "ppo_kl.png", target_kl),
+            "KL to the reference and the KL coefficient per step",
+            no_ppo,
+        ),
     ]
 
 
@@ -256,18 +277,33 @@ def _samples_section(ev: dict | None) -> list[str]:
     before, after = (ev or {}).get("samples_before") or [], (ev or {}).get("samples_after") or []
     if not before and not after:
         return out + ["_No samples: ppo/eval.json is missing or holds no samples._", ""]
-    out.append("The same held-out prompts, sampled with the same seed, before and after PPO; reward = the reward "
-               "model's score of prompt + response.")
+    out.append(
+        "The same held-out prompts, sampled with the same seed, before and after PPO; reward = the reward "
+        "model's score of prompt + response."
+    )
     out.append("")
     rows = []
     for i in range(max(len(before), len(after))):
         b = before[i] if i < len(before) else {}
         a = after[i] if i < len(after) else {}
         prompt = b.get("prompt", a.get("prompt", ""))
-        rows.append([str(i + 1), md_cell(prompt), md_cell(b.get("response", "—")), _num(b.get("reward"), "+.2f"),
-                     md_cell(a.get("response", "—")), _num(a.get("reward"), "+.2f")])
-    out.append(_table(["#", "prompt", "before PPO", "reward", "after PPO", "reward"], rows,
-                      ["---:", "---", "---", "---:", "---", "---:"]))
+        rows.append(
+            [
+                str(i + 1),
+                md_cell(prompt),
+                md_cell(b.get("response", "—")),
+                _num(b.get("reward"), "+.2f"),
+                md_cell(a.get("response", "—")),
+                _num(a.get("reward"), "+.2f"),
+            ]
+        )
+    out.append(
+        _table(
+            ["#", "prompt", "before PPO", "reward", "after PPO", "reward"],
+            rows,
+            ["---:", "---", "---", "---:", "---", "---:"],
+        )
+    )
     return out + [""]
 
 
@@ -288,8 +324,14 @@ def _timings_section(timings: dict[str, float] | None, ppo_rows: list[dict]) -> 
             mean = sum(float(r.get(key, 0.0)) for r in ppo_rows) / n
             rows.append([key.removeprefix("time_"), f"{mean:.2f}", f"{100 * mean / total:.0f}%" if total > 0 else ""])
         rows.append(["whole step", f"{total:.2f}", "100%" if total > 0 else ""])
-        out += ["### Where a PPO step spends its time", "", f"Mean over {n} PPO steps.", "",
-                _table(["phase", "seconds/step", "share"], rows, ["---", "---:", "---:"]), ""]
+        out += [
+            "### Where a PPO step spends its time",
+            "",
+            f"Mean over {n} PPO steps.",
+            "",
+            _table(["phase", "seconds/step", "share"], rows, ["---", "---:", "---:"]),
+            "",
+        ]
     return out
 
 
@@ -305,8 +347,14 @@ def _artifacts_section(run: Run) -> list[str]:
         ("PPO checkpoints (resume)", run.ppo_checkpoints),
     ]
     rows = [[what, f"`{path.relative_to(run.root)}`", "yes" if path.exists() else "not yet"] for what, path in items]
-    return ["## Artifacts", "", f"All paths relative to `{run.root}`.", "",
-            _table(["what", "path", "present"], rows), ""]
+    return [
+        "## Artifacts",
+        "",
+        f"All paths relative to `{run.root}`.",
+        "",
+        _table(["what", "path", "present"], rows),
+        "",
+    ]
 
 
 # --- entry point --------------------------------------------------------------------------------------------------

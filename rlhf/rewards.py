@@ -56,12 +56,12 @@ def load_spec(name_or_path: str) -> RewardSpec:
                 f"(or a path to a reward spec YAML)"
             )
         path = shipped
-    raw = read_yaml(path)
+    raw = read_yaml(path, "a reward spec (name:, type:, model:, label: ...)")
     raw.setdefault("name", path.stem)
     try:
         spec = RewardSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        problems = "; ".join(_describe(e, RewardSpec) for e in exc.errors())
         raise UserError(f"reward spec {path}: {problems}") from None
     if spec.type == "text-classification" and not spec.model:
         raise UserError(f"reward spec {path}: a text-classification reward needs 'model: HUB_ID|PATH'")

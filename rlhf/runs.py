@@ -25,7 +25,6 @@ def runs_root() -> Path:
     return Path(os.environ.get("RLHF_RUNS", "runs"))
 
 
-
 @dataclass(frozen=True)
 class Run:
     root: Path
@@ -60,7 +59,9 @@ class Run:
 
     def load_recipe(self) -> Recipe:
         if not self.recipe_path.is_file():
-            raise UserError(f"{self.root} is not an rlhf run (no recipe.yaml); start one with `rlhf sft --run {self.root}`")
+            raise UserError(
+                f"{self.root} is not an rlhf run (no recipe.yaml); start one with `rlhf sft --run {self.root}`"
+            )
         try:
             raw = yaml.safe_load(self.recipe_path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -118,6 +119,8 @@ def existing_run(run_dir: str | None, step: str) -> Run:
     """The run a later step works on: the one named, or the most recent one."""
     if run_dir is not None:
         run = Run(Path(run_dir))
+        if run.root.exists() and not run.root.is_dir():
+            raise UserError(f"--run {run_dir} is a file, not a run directory; pass the directory `rlhf sft` wrote")
         if not run.root.is_dir():
             raise UserError(f"run directory '{run_dir}' does not exist; start a run with `rlhf sft --run {run_dir}`")
         return run

@@ -234,8 +234,10 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
         )
     seconds = time.time() - started
     if is_main_process():
-        print(f"sft: done in {seconds:.0f}s, {output.global_step} steps, final loss {final_loss:.4f}; "
-              f"adapter: {adapter_dir}")
+        print(
+            f"sft: done in {seconds:.0f}s, {output.global_step} steps, final loss {final_loss:.4f}; "
+            f"adapter: {adapter_dir}"
+        )
     return SftResult(run, adapter_dir, output.global_step, final_loss, seconds, model)
 
 

@@ -64,3 +64,11 @@ def copy_run(tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, fixture_paths) -> Path:
+    """One full `rlhf quickstart` run (sft, merge, ppo, eval, report), shared by the end-to-end tests."""
+    run = tmp_path_factory.mktemp("shared") / "quickstart"
+    assert cli("quickstart", "--run", run) == 0
+    return run

@@ -37,9 +37,18 @@ def neox20b() -> Recipe:
 
 # A GPT-NeoX small enough to work every number out by hand: h=64, 2 layers, 4 heads (head_dim 16), i=256, V=1000.
 SMALL = {
-    "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 1000, "max_position_embeddings": 128,
-    "rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False, "hidden_act": "gelu",
+    "architectures": ["GPTNeoXForCausalLM"],
+    "model_type": "gpt_neox",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "vocab_size": 1000,
+    "max_position_embeddings": 128,
+    "rotary_pct": 0.25,
+    "use_parallel_residual": True,
+    "tie_word_embeddings": False,
+    "hidden_act": "gelu",
     "torch_dtype": "float16",
 }
 
@@ -57,8 +66,13 @@ def small_recipe(path, **sft) -> Recipe:
         lora=LoraConfig(rank=8, alpha=16, dropout=0.05, target_modules=["query_key_value"]),
         sft=SftConfig(**{"batch_size": 2, "block_size": 32, "gradient_checkpointing": True, **sft}),
         ppo=PpoConfig(
-            batch_size=64, mini_batch_size=8, gradient_accumulation_steps=8, rollout_batch_size=64,
-            prompt_min_tokens=4, prompt_max_tokens=4, generation=GenerationConfig(min_new_tokens=8, max_new_tokens=8),
+            batch_size=64,
+            mini_batch_size=8,
+            gradient_accumulation_steps=8,
+            rollout_batch_size=64,
+            prompt_min_tokens=4,
+            prompt_max_tokens=4,
+            generation=GenerationConfig(min_new_tokens=8, max_new_tokens=8),
             lora=LoraConfig(rank=8, alpha=16, dropout=0.0, target_modules=["query_key_value"]),
         ),
     )
@@ -86,15 +100,25 @@ def test_small_config_parameter_count_by_hand(small_dir):
     embeddings = 1000 * 64  # embed_in, and embed_out again (untied)
     per_layer = (
         2 * (64 + 64)  # two LayerNorms, weight + bias
-        + 64 * 192 + 192  # query_key_value
-        + 64 * 64 + 64  # dense
-        + 64 * 256 + 256  # dense_h_to_4h
-        + 256 * 64 + 64  # dense_4h_to_h
+        + 64 * 192
+        + 192  # query_key_value
+        + 64 * 64
+        + 64  # dense
+        + 64 * 256
+        + 256  # dense_h_to_4h
+        + 256 * 64
+        + 64  # dense_4h_to_h
     )
     assert per_layer == 49_984
     assert shape.params == 2 * embeddings + 2 * per_layer + (64 + 64) == 228_096
     assert (shape.hidden, shape.layers, shape.heads, shape.head_dim, shape.intermediate, shape.vocab) == (
-        64, 2, 4, 16, 256, 1000)
+        64,
+        2,
+        4,
+        16,
+        256,
+        1000,
+    )
     assert shape.fused_qkv and not shape.gated_mlp
 
 
@@ -134,10 +158,13 @@ def test_activations_by_hand(small_dir):
         + 16  # two LayerNorms' fp32 mean and rstd
         + 2 * (64 + 64)  # q and k after rotary
         + 2 * (64 + 2 * 64)  # the fused qkv output, kept alive by the v view (CUDA)
-        + 2 * 64 + 4 * 4  # attention output + fp32 logsumexp per head
+        + 2 * 64
+        + 4 * 4  # attention output + fp32 logsumexp per head
         + 2 * 256  # GELU input
         + 2 * (3 * 64 + 256)  # int8 matmuls keep their inputs
-        + 4 * 64 + 64 + 4 * 8  # LoRA: fp32 dropout output, bool mask, lora_A output
+        + 4 * 64
+        + 64
+        + 4 * 8  # LoRA: fp32 dropout output, bool mask, lora_A output
     )
     assert budget.layer_saved_per_token(shape, s, 32) == per_token == 2_688
     working = 2 * (2 * 64 + 2 * 256) + 4 * 64  # gradients in one layer + LoRA's fp32 input gradient
@@ -147,8 +174,10 @@ def test_activations_by_hand(small_dir):
     with_gc = budget.train_activations(shape, s, 2, 32, checkpointing=True)
     assert with_gc == (stored, stored + (per_token - 2 * 64) * tokens + working * tokens + dequant)
     without = budget.train_activations(shape, s, 2, 32, checkpointing=False)
-    assert without == (2 * per_token * tokens + 2 * 64 * tokens, 2 * per_token * tokens + 2 * 64 * tokens
-                       + working * tokens + dequant)
+    assert without == (
+        2 * per_token * tokens + 2 * 64 * tokens,
+        2 * per_token * tokens + 2 * 64 * tokens + working * tokens + dequant,
+    )
     assert without[1] > with_gc[1]
 
 
@@ -163,8 +192,15 @@ def test_sft_components_by_hand(small_dir, reentrant, monkeypatch):
         at_loss += 2 * 2 * (3 * 64 + 256) * 64
     dynamic = 4 * lora + at_loss + logits  # gradients, activations, logits: allocated and freed every step
     expected = {
-        "weights": 363_792, "lora": 4 * lora, "gradients": 4 * lora, "optimizer": 8 * lora,
-        "activations": at_loss, "logits": logits, "kv_cache": 0, "value_head": 0, "reward_model": 0,
+        "weights": 363_792,
+        "lora": 4 * lora,
+        "gradients": 4 * lora,
+        "optimizer": 8 * lora,
+        "activations": at_loss,
+        "logits": logits,
+        "kv_cache": 0,
+        "value_head": 0,
+        "reward_model": 0,
         "overhead": CONTEXT + int(0.10 * dynamic),
     }
     assert est.peak == "loss (fp32 logits)"  # here the logits dwarf one layer's recompute
@@ -213,9 +249,22 @@ def test_verdict_flips_at_the_boundary(small_dir, step):
 def test_json_shape_matches_the_contract(small_dir, capsys):
     data = budget.estimate(small_recipe(small_dir), "ppo", 24 * GiB, CPU_REWARD).to_json()
     assert list(data) == ["model", "step", "params", "device_bytes", "total_bytes", "fits", "components"]
-    assert list(data["components"]) == list(budget.COMPONENTS) == [
-        "weights", "lora", "gradients", "optimizer", "activations", "logits", "kv_cache", "value_head",
-        "reward_model", "overhead"]
+    assert (
+        list(data["components"])
+        == list(budget.COMPONENTS)
+        == [
+            "weights",
+            "lora",
+            "gradients",
+            "optimizer",
+            "activations",
+            "logits",
+            "kv_cache",
+            "value_head",
+            "reward_model",
+            "overhead",
+        ]
+    )
     assert isinstance(data["fits"], bool) and all(isinstance(v, int) for v in data["components"].values())
     recipe = small_recipe(small_dir).model_copy(update={"budget": BudgetConfig(gpu="24GiB")})
     assert budget.main(recipe, "all", None, as_json=True) == 0
@@ -289,8 +338,9 @@ def test_nonreentrant_checkpointing_keeps_the_int8_inputs(neox20b, monkeypatch):
     int8_inputs = 44 * 2 * (3 * 6144 + 24576) * 1024  # layers x fp16 x (ln1, context, ln2, GELU out) x tokens
     assert kept.components["activations"] - freed.components["activations"] == int8_inputs
     assert any("non-reentrant" in note for note in kept.notes)
-    assert budget.estimate(neox20b.model_copy(update={"sft": neox20b.sft.model_copy(update={"block_size": 512})}),
-                           "sft", 24 * GiB).fits  # the recipe-only way out
+    assert budget.estimate(
+        neox20b.model_copy(update={"sft": neox20b.sft.model_copy(update={"block_size": 512})}), "sft", 24 * GiB
+    ).fits  # the recipe-only way out
 
 
 def test_budget_follows_modelings_checkpointing(monkeypatch):
@@ -312,7 +362,7 @@ def test_gpt_neox_20b_ppo_at_12gib_ranks_reestimated_suggestions(neox20b):
     fitting = [s for s in ranked if s.fits]
     assert ranked[: len(fitting)] == fitting  # what fits comes first ...
     assert [(s.cost, s.total_bytes) for s in fitting] == sorted((s.cost, s.total_bytes) for s in fitting)
-    rest = ranked[len(fitting):]
+    rest = ranked[len(fitting) :]
     assert [s.total_bytes for s in rest] == sorted(s.total_bytes for s in rest)  # ... then by what they save
     for s in ranked:  # each one re-estimated: applying it gives exactly the total shown
         recipe, spec = budget.apply_changes(neox20b, est.reward_spec, s.changes)
@@ -346,12 +396,22 @@ def test_preflight_refuses_or_warns(neox20b):
 
 def test_auto_fit_keeps_the_effective_batch(small_dir, monkeypatch):
     recipe = small_recipe(small_dir, batch_size=2, gradient_accumulation_steps=4)
-    big = budget.estimate(recipe.model_copy(update={"sft": recipe.sft.model_copy(update={
-        "batch_size": 8, "gradient_accumulation_steps": 1})}), "sft", 1 << 40).total_bytes
+    big = budget.estimate(
+        recipe.model_copy(
+            update={"sft": recipe.sft.model_copy(update={"batch_size": 8, "gradient_accumulation_steps": 1})}
+        ),
+        "sft",
+        1 << 40,
+    ).total_bytes
     fitted = budget.auto_fit(recipe, "sft", f"{big}B")
     assert (fitted.sft.batch_size, fitted.sft.gradient_accumulation_steps) == (8, 1)  # the largest that fits
-    small = budget.estimate(recipe.model_copy(update={"sft": recipe.sft.model_copy(update={
-        "batch_size": 4, "gradient_accumulation_steps": 2})}), "sft", 1 << 40).total_bytes
+    small = budget.estimate(
+        recipe.model_copy(
+            update={"sft": recipe.sft.model_copy(update={"batch_size": 4, "gradient_accumulation_steps": 2})}
+        ),
+        "sft",
+        1 << 40,
+    ).total_bytes
     fitted = budget.auto_fit(recipe, "sft", f"{small}B")
     assert (fitted.sft.batch_size, fitted.sft.gradient_accumulation_steps) == (4, 2)
 

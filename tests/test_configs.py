@@ -6,7 +6,7 @@ import pytest
 
 from rlhf.config import available_recipes, load_recipe, recipes_dir
 from rlhf.errors import UserError
-from rlhf.rewards import available_rewards, load_spec
+from rlhf.rewards import load_spec
 
 EXPECTED_RECIPES = {"gpt-neox-20b", "quickstart", "memorize"}
 
@@ -43,7 +43,9 @@ def test_reference_hyperparameters():
 
 
 def test_override_sets_nested_value():
-    r = load_recipe("quickstart", ["ppo.mini_batch_size=8", "ppo.generation.max_new_tokens=12", "lora.target_modules=[a,b]"])
+    r = load_recipe(
+        "quickstart", ["ppo.mini_batch_size=8", "ppo.generation.max_new_tokens=12", "lora.target_modules=[a,b]"]
+    )
     assert r.ppo.mini_batch_size == 8 and r.ppo.generation.max_new_tokens == 12
     assert r.lora.target_modules == ["a", "b"]
 
@@ -74,7 +76,10 @@ def test_all_problems_reported_at_once():
     "overrides, fragment",
     [
         (["ppo.mini_batch_size=300"], "mini_batch_size (300) must be <= batch_size (64)"),
-        (["ppo.batch_size=10", "ppo.mini_batch_size=4"], "batch_size (10) must be exactly divisible by mini_batch_size (4)"),
+        (
+            ["ppo.batch_size=10", "ppo.mini_batch_size=4"],
+            "batch_size (10) must be exactly divisible by mini_batch_size (4)",
+        ),
         (["ppo.generation.min_new_tokens=20"], "min_new_tokens (20) must be <= max_new_tokens (16)"),
     ],
 )

@@ -84,7 +84,7 @@ def test_cache_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 def test_layout_and_names(built: FixturePaths) -> None:
     root = built.imdb.parent
-    assert root.name == "fixtures-v1-seed0"
+    assert root.name == f"fixtures-{fixtures.FIXTURES_VERSION}-seed0"
     assert (built.imdb.name, built.policy.name, built.reward.name) == ("imdb", "tiny-gpt-neox", "tiny-distilbert-imdb")
     assert built.policy.parent == built.reward.parent == root
     assert {p.name for p in root.iterdir() if not p.name.startswith(".")} == set(fixtures.FIXTURE_NAMES.values())

@@ -41,8 +41,10 @@ def python3_kernel(tmp_path_factory):
     prefix = tmp_path_factory.mktemp("jupyter")
     install(kernel_name="python3", prefix=str(prefix))  # argv = [sys.executable, -m, ipykernel_launcher, ...]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", os.pathsep.join(filter(None, [str(prefix / "share" / "jupyter"),
-                                                                os.environ.get("JUPYTER_PATH")])))
+        mp.setenv(
+            "JUPYTER_PATH",
+            os.pathsep.join(filter(None, [str(prefix / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])),
+        )
         yield "python3"
 
 

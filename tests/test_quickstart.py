@@ -23,9 +23,18 @@ def test_ppo_raises_reward_and_positive_rate(quickstart_run):
 
 def test_run_directory_contract(quickstart_run):
     run = quickstart_run
-    for path in ("recipe.yaml", "sft/adapter/adapter_config.json", "sft/adapter/adapter_model.safetensors",
-                 "sft/metrics.jsonl", "merged/config.json", "ppo/adapter/adapter_config.json",
-                 "ppo/adapter/value_head.safetensors", "ppo/metrics.jsonl", "ppo/eval.json", "report.md"):
+    for path in (
+        "recipe.yaml",
+        "sft/adapter/adapter_config.json",
+        "sft/adapter/adapter_model.safetensors",
+        "sft/metrics.jsonl",
+        "merged/config.json",
+        "ppo/adapter/adapter_config.json",
+        "ppo/adapter/value_head.safetensors",
+        "ppo/metrics.jsonl",
+        "ppo/eval.json",
+        "report.md",
+    ):
         assert (run / path).is_file(), path
     assert len(list(run.glob("*.png"))) >= 2
     rows = read_jsonl(run / "ppo/metrics.jsonl")

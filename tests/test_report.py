@@ -24,32 +24,68 @@ PLOTS = ("sft_loss.png", "ppo_reward.png", "ppo_kl.png")
 def write_sft(root: Path, steps: int = 40) -> None:
     Run(root).write_recipe(load_recipe("quickstart"))
     for step in range(1, steps + 1, 2):
-        append_jsonl(root / "sft" / "metrics.jsonl", {
-            "step": step, "loss": 3.0 * math.exp(-step / 15) + 1.2, "lr": 1e-3 * (1 - step / (steps + 1)),
-            "grad_norm": 0.5, "epoch": step / 200,
-        })
+        append_jsonl(
+            root / "sft" / "metrics.jsonl",
+            {
+                "step": step,
+                "loss": 3.0 * math.exp(-step / 15) + 1.2,
+                "lr": 1e-3 * (1 - step / (steps + 1)),
+                "grad_norm": 0.5,
+                "epoch": step / 200,
+            },
+        )
 
 
 def write_ppo(root: Path, steps: int = 30) -> None:
     for step in range(1, steps + 1):
-        append_jsonl(root / "ppo" / "metrics.jsonl", {
-            "step": step, "reward_mean": -0.5 + step * 0.1, "reward_std": 2.0 - step * 0.02,
-            "positive_rate": min(1.0, 0.4 + step * 0.02), "kl": 0.3 * step, "kl_coef": 0.05 * (1 + step * 1e-4),
-            "policy_loss": -0.01, "value_loss": 1.5, "entropy": 1.7, "clipfrac": 0.1, "approx_kl": 0.02,
-            "response_len": 10.0, "tokens_per_s": 5.0, "peak_mem_bytes": 7 << 28,
-            "time_generate": 3.0, "time_reward": 0.2, "time_forward": 1.0, "time_train": 1.5, "time_step": 5.8,
-        })
+        append_jsonl(
+            root / "ppo" / "metrics.jsonl",
+            {
+                "step": step,
+                "reward_mean": -0.5 + step * 0.1,
+                "reward_std": 2.0 - step * 0.02,
+                "positive_rate": min(1.0, 0.4 + step * 0.02),
+                "kl": 0.3 * step,
+                "kl_coef": 0.05 * (1 + step * 1e-4),
+                "policy_loss": -0.01,
+                "value_loss": 1.5,
+                "entropy": 1.7,
+                "clipfrac": 0.1,
+                "approx_kl": 0.02,
+                "response_len": 10.0,
+                "tokens_per_s": 5.0,
+                "peak_mem_bytes": 7 << 28,
+                "time_generate": 3.0,
+                "time_reward": 0.2,
+                "time_forward": 1.0,
+                "time_train": 1.5,
+                "time_step": 5.8,
+            },
+        )
     append_jsonl(root / "ppo" / "samples.jsonl", {"step": 1, "prompt": "It is", "response": " fine", "reward": 0.1})
     prompts = ["This film | that film", "So I\nfinally saw", "It is"]
-    atomic_write_json(root / "ppo" / "eval.json", {
-        "reward_before": -0.544, "reward_after": 2.125, "positive_rate_before": 0.375, "positive_rate_after": 0.875,
-        "kl_before": 0.0, "kl_after": 4.25, "perplexity_before": 3.84, "perplexity_after": 4.07, "n_prompts": 3,
-        "eval_split": "test", "steps": steps,
-        "samples_before": [{"prompt": p, "response": f" was dull|{i}", "reward": -1.5} for i, p in enumerate(prompts)],
-        "samples_after": [
-            {"prompt": p, "response": f" was a delight\n{i}", "reward": 3.25} for i, p in enumerate(prompts)
-        ],
-    })
+    atomic_write_json(
+        root / "ppo" / "eval.json",
+        {
+            "reward_before": -0.544,
+            "reward_after": 2.125,
+            "positive_rate_before": 0.375,
+            "positive_rate_after": 0.875,
+            "kl_before": 0.0,
+            "kl_after": 4.25,
+            "perplexity_before": 3.84,
+            "perplexity_after": 4.07,
+            "n_prompts": 3,
+            "eval_split": "test",
+            "steps": steps,
+            "samples_before": [
+                {"prompt": p, "response": f" was dull|{i}", "reward": -1.5} for i, p in enumerate(prompts)
+            ],
+            "samples_after": [
+                {"prompt": p, "response": f" was a delight\n{i}", "reward": 3.25} for i, p in enumerate(prompts)
+            ],
+        },
+    )
     for part in ("merged", "ppo/adapter", "sft/adapter"):
         (root / part).mkdir(parents=True, exist_ok=True)
 
@@ -132,6 +168,7 @@ def test_one_ppo_step_and_a_damaged_recipe_still_give_a_report(tmp_path):
     assert_png(root / "ppo_kl.png")
     assert "_Not drawn: no SFT metrics" in text
 
+
 def test_md_cell_keeps_one_row():
     assert md_cell("a|b\nc\r\nd") == "a\\|b<br>c<br>d"
     assert md_cell("<eos>") == "&lt;eos&gt;"
@@ -150,4 +187,3 @@ def test_cli_report_on_a_directory_without_a_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no rlhf run" in err and str(tmp_path) in err
     assert not (tmp_path / "report.md").exists()
-

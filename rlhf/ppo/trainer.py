@@ -151,7 +151,7 @@ class Prompts:
         n = len(self.tokens)
         out = []
         for j in range(size):
-            index = (step * size * world_size + rank * size + j)
+            index = step * size * world_size + rank * size + j
             epoch, pos = divmod(index, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             out.append(self.tokens[int(order[pos])])
@@ -256,8 +256,9 @@ class PPOTrainer:
         else:
             self.eval_source = data.eval_split
         self.eval_texts = held_out[: cfg.eval_prompts]
-        self.eval_prompts = Prompts(self.eval_texts or held_out[:1], self.tokenizer, cfg.prompt_min_tokens,
-                                    cfg.prompt_max_tokens, cfg.seed + 1)
+        self.eval_prompts = Prompts(
+            self.eval_texts or held_out[:1], self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed + 1
+        )
 
     def _setup_optimizer(self) -> None:
         if self.cfg.optimizer == "adam_8bit":
@@ -282,11 +283,17 @@ class PPOTrainer:
             query, qmask = left_pad(sub, pad, self.device)
             t = time.perf_counter()
             response, rmask = self.policy.generate(
-                query, qmask, int(lengths[start : start + len(sub)].max()), gen.top_k, gen.top_p,
+                query,
+                qmask,
+                int(lengths[start : start + len(sub)].max()),
+                gen.top_k,
+                gen.top_p,
                 self.tokenizer.eos_token_id if gen.stop_at_eos else None,
             )
             # Each response runs to its own drawn length; the rest of the row is padding.
-            within = torch.arange(response.shape[1], device=self.device)[None] < lengths[start : start + len(sub), None].to(self.device)
+            within = torch.arange(response.shape[1], device=self.device)[None] < lengths[
+                start : start + len(sub), None
+            ].to(self.device)
             rmask = rmask * within.long()
             response = torch.where(rmask.bool(), response, torch.full_like(response, pad))
             t = self.timer.add("generate", t)
@@ -325,8 +332,19 @@ class PPOTrainer:
             ref_logprobs.append(ref.logprobs)
         self.timer.add("forward", t)
         return Rollout(
-            query, qmask, response, rmask.float(), texts, prompt_texts, response_texts, scored.scores.to(self.device),
-            scored.positive, torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), torch.cat(entropy),
+            query,
+            qmask,
+            response,
+            rmask.float(),
+            texts,
+            prompt_texts,
+            response_texts,
+            scored.scores.to(self.device),
+            scored.positive,
+            torch.cat(logprobs),
+            torch.cat(ref_logprobs),
+            torch.cat(values),
+            torch.cat(entropy),
         )
 
     # --- 4-5: advantages and optimisation ---
@@ -334,17 +352,27 @@ class PPOTrainer:
         cfg = self.cfg
         mask = ro.response_mask
         scores = self.score_transform(ro.scores.float())
-        rewards, kl = core.compute_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
-        advantages, returns = core.compute_gae(ro.values, rewards, mask, cfg.gamma, cfg.lam, whiten=cfg.whiten_advantages)
+        rewards, kl = core.compute_rewards(
+            scores, ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator
+        )
+        advantages, returns = core.compute_gae(
+            ro.values, rewards, mask, cfg.gamma, cfg.lam, whiten=cfg.whiten_advantages
+        )
 
         n = len(ro.texts)
-        micro = core.exact_div(cfg.mini_batch_size, cfg.gradient_accumulation_steps,
-                               "mini_batch_size / gradient_accumulation_steps")
+        micro = core.exact_div(
+            cfg.mini_batch_size, cfg.gradient_accumulation_steps, "mini_batch_size / gradient_accumulation_steps"
+        )
         ids = torch.cat([ro.query, ro.response], 1)
         attn = torch.cat([ro.query_mask, ro.response_mask.long()], 1)
         R = ro.response.shape[1]
-        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [],
-                                         "vf_clipfrac": []}
+        stats: dict[str, list[float]] = {
+            "policy_loss": [],
+            "value_loss": [],
+            "clipfrac": [],
+            "approx_kl": [],
+            "vf_clipfrac": [],
+        }
         g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, self.rank) + 1)
         self.model.train()  # checkpointing applies in train mode; LoRA dropout is 0 so log-probs match the rollout
         t = time.perf_counter()
@@ -394,7 +422,7 @@ class PPOTrainer:
     def train(self) -> None:
         cfg = self.cfg
         metrics_path = self.run.ppo_dir / "metrics.jsonl"
-        bar = _progress(cfg.max_steps, self.step, self.rank == 0)
+        bar = self.bar = _progress(cfg.max_steps, self.step, self.rank == 0)
         while self.step < cfg.max_steps and not self.stop_requested:
             self.timer = Timer()
             started = time.perf_counter()
@@ -441,7 +469,9 @@ class PPOTrainer:
                 if self.step % cfg.sample_every == 0 or self.step == 1:
                     self._samples(ro)
                 bar.update(1)
-                bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}")
+                bar.set_postfix(
+                    reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}"
+                )
             if self.world_size > 1:  # Ctrl-C may reach the ranks at different steps: all stop at the same one
                 self.stop_requested = not all_true(not self.stop_requested)
             if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps or self.stop_requested:
@@ -452,8 +482,11 @@ class PPOTrainer:
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         if self.rank == 0:
-            print(f"ppo: warning: non-finite {what} at step {self.step + 1}; batch skipped "
-                  f"({self.nonfinite_in_a_row} in a row)", file=self.out)
+            print(
+                f"ppo: warning: non-finite {what} at step {self.step + 1}; batch skipped "
+                f"({self.nonfinite_in_a_row} in a row)",
+                file=self.out,
+            )
         if self.nonfinite_in_a_row >= self.cfg.nonfinite_patience:
             saved = sorted(self.run.ppo_checkpoints.glob("step-*"), key=_step_of)
             kept = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved yet"
@@ -466,9 +499,15 @@ class PPOTrainer:
 
     def _samples(self, ro: Rollout, n: int = 4) -> None:
         for i in range(min(n, len(ro.texts))):
-            append_jsonl(self.run.ppo_dir / "samples.jsonl", {
-                "step": self.step, "prompt": ro.prompts[i], "response": ro.responses[i], "reward": ro.scores[i].item(),
-            })
+            append_jsonl(
+                self.run.ppo_dir / "samples.jsonl",
+                {
+                    "step": self.step,
+                    "prompt": ro.prompts[i],
+                    "response": ro.responses[i],
+                    "reward": ro.scores[i].item(),
+                },
+            )
 
     def _tensorboard(self, row: dict) -> None:
         if not hasattr(self, "_tb"):
@@ -496,19 +535,24 @@ class PPOTrainer:
         path = self.run.ppo_checkpoints / f"step-{self.step}"
         with atomic_dir(path) as tmp:
             save_file(self._adapter_state(), str(tmp / "adapter.safetensors"))
-            save_file({k: v.cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      str(tmp / "value_head.safetensors"))
+            save_file(
+                {k: v.cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                str(tmp / "value_head.safetensors"),
+            )
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            atomic_write_json(tmp / "state.json", {
-                "step": self.step,
-                "kl_controller": self.kl_ctl.state_dict(),
-                "score_transform": self.score_transform.state_dict(),
-                "nonfinite_total": self.nonfinite_total,
-                "seed": self.cfg.seed,
-                # Prompts and sampling are functions of (seed, step, rank): the step is the data position and the
-                # RNG state at once, so a resumed run draws exactly what the uninterrupted one would have.
-                "rng": "seeded per step: step_seed(seed, step, rank)",
-            })
+            atomic_write_json(
+                tmp / "state.json",
+                {
+                    "step": self.step,
+                    "kl_controller": self.kl_ctl.state_dict(),
+                    "score_transform": self.score_transform.state_dict(),
+                    "nonfinite_total": self.nonfinite_total,
+                    "seed": self.cfg.seed,
+                    # Prompts and sampling are functions of (seed, step, rank): the step is the data position and the
+                    # RNG state at once, so a resumed run draws exactly what the uninterrupted one would have.
+                    "rng": "seeded per step: step_seed(seed, step, rank)",
+                },
+            )
         for old in sorted(self.run.ppo_checkpoints.glob("step-*"), key=_step_of)[:-CHECKPOINTS_KEPT]:
             import shutil
 
@@ -516,8 +560,13 @@ class PPOTrainer:
 
     def load_checkpoint(self) -> int:
         """Restore the newest readable checkpoint; a damaged one is skipped with a warning."""
+        import shutil
+
         from peft import set_peft_model_state_dict
 
+        if self.rank == 0:  # a save that was killed half-way left its temporary directory (atomic_dir's .NAME.*)
+            for partial in [*self.run.ppo_checkpoints.glob(".step-*"), *self.run.ppo_dir.glob(".adapter.*")]:
+                shutil.rmtree(partial, ignore_errors=True)
         candidates = sorted(self.run.ppo_checkpoints.glob("step-*"), key=_step_of, reverse=True)
         if not candidates:
             raise UserError(f"--resume: no PPO checkpoint in {self.run.ppo_checkpoints}; run without --resume")
@@ -528,8 +577,11 @@ class PPOTrainer:
                 optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
                 state = json.loads((path / "state.json").read_text())
             except Exception as exc:  # truncated or missing files: fall back to the one before
-                print(f"ppo: warning: checkpoint {path.name} is unreadable ({type(exc).__name__}); trying the previous one",
-                      file=self.out)
+                print(
+                    f"ppo: warning: checkpoint {path.name} is unreadable ({type(exc).__name__}); "
+                    f"trying the previous one",
+                    file=self.out,
+                )
                 continue
             set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in adapter.items()})
             self.policy.value_head.load_state_dict({k: v.to(self.device) for k, v in value_head.items()})
@@ -548,8 +600,10 @@ class PPOTrainer:
         if self.rank == 0:
             with atomic_dir(out) as tmp:
                 self.model.save_pretrained(tmp, safe_serialization=True)
-                save_file({k: v.cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                          str(tmp / "value_head.safetensors"))
+                save_file(
+                    {k: v.cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                    str(tmp / "value_head.safetensors"),
+                )
                 atomic_write_text(tmp / "README.md", _ppo_card(self.recipe, self.reward_name, self.step))
         return out
 
@@ -565,13 +619,14 @@ class PPOTrainer:
         ro = self.rollout(prompts, seed=self.cfg.seed + 12345)
         kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1)
         reward_stats = hf_evaluate.load(str(metric_path("reward_stats")))
-        stats = reward_stats.compute(
-            predictions=ro.scores.tolist(), references=[int(p) for p in ro.positive.tolist()]
-        )
+        stats = reward_stats.compute(predictions=ro.scores.tolist(), references=[int(p) for p in ro.positive.tolist()])
         ppl = self.perplexity(hf_evaluate.load(str(metric_path("token_perplexity"))))
         return {
-            "reward": stats["mean_reward"], "positive_rate": stats["positive_rate"], "kl": kl.mean().item(),
-            "perplexity": ppl, "samples": [
+            "reward": stats["mean_reward"],
+            "positive_rate": stats["positive_rate"],
+            "kl": kl.mean().item(),
+            "perplexity": ppl,
+            "samples": [
                 {"prompt": p, "response": r, "reward": s}
                 for p, r, s in zip(ro.prompts[:8], ro.responses[:8], ro.scores[:8].tolist())
             ],
@@ -621,7 +676,8 @@ def _ppo_card(recipe: Recipe, reward: str, steps: int) -> str:
     return (
         f"# PPO policy adapter (rlhf ppo)\n\n"
         f"- base: the merged SFT model of this run ({recipe.model.name} + SFT adapter)\n"
-        f"- reward: {reward}\n- steps: {steps} of batch {recipe.ppo.batch_size}, learning rate {recipe.ppo.learning_rate}\n"
+        f"- reward: {reward}\n"
+        f"- steps: {steps} of batch {recipe.ppo.batch_size}, learning rate {recipe.ppo.learning_rate}\n"
         f"- date: {time.strftime('%Y-%m-%d')}\n\n"
         f"`value_head.safetensors` holds the value head (`summary.weight`, `summary.bias`) trained with the adapter.\n"
     )
@@ -664,8 +720,14 @@ def prepare(recipe: Recipe, run: Run, reward: str | None, resume: bool, force: b
     return recipe, reward_name
 
 
-def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = False, force: bool = False,
-        gpu: str | None = None) -> PpoResult:
+def run(
+    recipe: Recipe,
+    run_: Run,
+    reward: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    gpu: str | None = None,
+) -> PpoResult:
     from rlhf import budget
 
     init_distributed()
@@ -681,8 +743,9 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
     if restart:  # killed before its first checkpoint: there is nothing to continue from but the start
         resume = False
         if rank == 0:
-            print(f"ppo: warning: no checkpoint in {run_.ppo_checkpoints} yet; starting PPO from step 0",
-                  file=sys.stderr)
+            print(
+                f"ppo: warning: no checkpoint in {run_.ppo_checkpoints} yet; starting PPO from step 0", file=sys.stderr
+            )
 
     trainer = PPOTrainer(recipe, run_, reward_name)
     trainer.setup()
@@ -696,8 +759,11 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
             for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "eval_before.json"):
                 (run_.ppo_dir / name).unlink(missing_ok=True)
         trainable, total = modeling.count_parameters(trainer.model)
-        print(f"ppo: policy LoRA r={recipe.ppo.lora.rank} + value head on {recipe.model.quantization} merged model: "
-              f"{trainable:,} trainable of {total:,}; reward: {reward_name}", file=sys.stderr)
+        print(
+            f"ppo: policy LoRA r={recipe.ppo.lora.rank} + value head on {recipe.model.quantization} merged model: "
+            f"{trainable:,} trainable of {total:,}; reward: {reward_name}",
+            file=sys.stderr,
+        )
 
     before_path = run_.ppo_dir / "eval_before.json"
     if resume or restart:
@@ -713,7 +779,9 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
         if rank == 0:
             atomic_write_json(before_path, before)
     if rank == 0 and before:
-        print(f"ppo: before: reward {before['reward']:.3f}, positive rate {before['positive_rate']:.2f}", file=sys.stderr)
+        print(
+            f"ppo: before: reward {before['reward']:.3f}, positive rate {before['positive_rate']:.2f}", file=sys.stderr
+        )
 
     def on_sigint(signum, frame):
         # Finish the current step, save a checkpoint and exit 130: Ctrl-C never costs more than one step.
@@ -727,6 +795,8 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
         trainer.train()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if hasattr(trainer, "bar"):
+            trainer.bar.close()  # on an error too: its message then starts on a line of its own
     if trainer.stop_requested:
         raise KeyboardInterrupt
     check_in_sync(trainer.params)
@@ -736,12 +806,19 @@ def run(recipe: Recipe, run_: Run, reward: str | None = None, resume: bool = Fal
     result = {}
     if rank == 0 and after:
         result = {
-            "reward_before": before["reward"], "reward_after": after["reward"],
-            "positive_rate_before": before["positive_rate"], "positive_rate_after": after["positive_rate"],
-            "kl_before": before["kl"], "kl_after": after["kl"],
-            "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
-            "n_prompts": len(trainer.eval_texts), "eval_split": trainer.eval_source, "steps": trainer.step,
-            "samples_before": before["samples"], "samples_after": after["samples"],
+            "reward_before": before["reward"],
+            "reward_after": after["reward"],
+            "positive_rate_before": before["positive_rate"],
+            "positive_rate_after": after["positive_rate"],
+            "kl_before": before["kl"],
+            "kl_after": after["kl"],
+            "perplexity_before": before["perplexity"],
+            "perplexity_after": after["perplexity"],
+            "n_prompts": len(trainer.eval_texts),
+            "eval_split": trainer.eval_source,
+            "steps": trainer.step,
+            "samples_before": before["samples"],
+            "samples_after": after["samples"],
         }
         atomic_write_json(run_.ppo_dir / "eval.json", result)
         print(

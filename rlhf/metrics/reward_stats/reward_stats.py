@@ -21,7 +21,9 @@ class RewardStats(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("int32")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("float64"), "references": datasets.Value("int32")}
+            ),
         )
 
     def _compute(self, predictions, references):

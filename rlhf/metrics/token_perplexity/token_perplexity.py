@@ -24,7 +24,9 @@ class TokenPerplexity(evaluate.Metric):
             description="Token-weighted perplexity from summed negative log-likelihoods.",
             citation="",
             inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("float64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references):
