@@ -593,30 +593,19 @@ class Estimate:
         }
 
 
-def reward_models_dir() -> Path:
-    for candidate in (PACKAGE_DIR / "reward_models", PACKAGE_DIR.parent / "reward_models"):
-        if candidate.is_dir():
-            return candidate
-    return PACKAGE_DIR / "reward_models"
-
-
 def load_reward_spec(name: str) -> dict[str, Any]:
     """The reward spec's fields the budget needs (model, batch_size, device, max_length); a distilbert-base-sized
-    classifier on the device when the spec cannot be found."""
-    import yaml
+    classifier on the device when the spec cannot be found or read (the step itself reports that error)."""
+    from rlhf.rewards import load_spec
 
-    path = Path(name).expanduser()
-    if not path.is_file():
-        path = reward_models_dir() / f"{name}.yaml"
-    if not path.is_file():
-        return {**DEFAULT_REWARD, "assumed": True}
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        spec = load_spec(name)
+    except UserError:
         return {**DEFAULT_REWARD, "assumed": True}
-    if raw.get("type", "text-classification") != "text-classification":
+    if spec.type != "text-classification":
         return {"model": None, "batch_size": 0, "device": "cpu", "max_length": 0, "callable": True}
-    return {**DEFAULT_REWARD, **{k: raw[k] for k in ("model", "batch_size", "device", "max_length") if k in raw}}
+    fields = {"model": spec.model, "batch_size": spec.batch_size, "device": spec.device, "max_length": spec.max_length}
+    return {**DEFAULT_REWARD, **fields}
 
 
 def _lora_setup(recipe: Recipe, step: str, device_kind: str) -> TrainSetup:

@@ -182,12 +182,16 @@ class Recipe(Section):
 # --- loading ----------------------------------------------------------------------------------------------------
 
 
-def recipes_dir() -> Path:
-    """Shipped recipes: inside the wheel (rlhf/recipes) or, in a source checkout, the repository's recipes/."""
-    for candidate in (PACKAGE_DIR / "recipes", PACKAGE_DIR.parent / "recipes"):
+def shipped_dir(name: str) -> Path:
+    """A folder shipped with rlhf: inside the wheel (rlhf/NAME) or, in a source checkout, the repository's NAME/."""
+    for candidate in (PACKAGE_DIR / name, PACKAGE_DIR.parent / name):
         if candidate.is_dir():
             return candidate
-    return PACKAGE_DIR / "recipes"
+    return PACKAGE_DIR / name
+
+
+def recipes_dir() -> Path:
+    return shipped_dir("recipes")
 
 
 def available_recipes() -> list[str]:

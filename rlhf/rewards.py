@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rlhf.config import PACKAGE_DIR, _describe, read_yaml
+from rlhf.config import _describe, read_yaml, shipped_dir
 from rlhf.errors import UserError
 
 
@@ -36,10 +36,7 @@ class RewardSpec(BaseModel):
 
 
 def reward_models_dir() -> Path:
-    for candidate in (PACKAGE_DIR / "reward_models", PACKAGE_DIR.parent / "reward_models"):
-        if candidate.is_dir():
-            return candidate
-    return PACKAGE_DIR / "reward_models"
+    return shipped_dir("reward_models")
 
 
 def available_rewards() -> list[str]:
