@@ -224,17 +224,32 @@ def cmd_merge(args) -> int:
     return 0 if result is not None else 1
 
 
+def run_recipe(args, step: str):
+    """The run a step after merge works on and its recipe: --recipe, or the run's own, with the overrides applied."""
+    from rlhf.config import apply_overrides, validate
+    from rlhf.runs import existing_run
+
+    run = existing_run(args.run, step)
+    if args.recipe:
+        recipe = resolve_recipe(args)
+    else:  # the run's own recipe, with any overrides applied to it
+        recipe = validate(apply_overrides(run.load_recipe().model_dump(mode="json"), list(args.overrides)))
+    if args.reward:
+        recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": args.reward})})
+    return run, recipe
+
+
 def cmd_ppo(args) -> int:
     from rlhf import budget
-    from rlhf.ppo import trainer
+    from rlhf.ppo import step
 
-    run, recipe = trainer.recipe_for(args)
+    run, recipe = run_recipe(args, "train with PPO")
     if args.auto_fit:
         recipe = budget.auto_fit(recipe, "ppo", args.gpu)
 
     def attempt(recipe, retry: bool) -> None:
         resume = args.resume or (retry and any(run.ppo_checkpoints.glob("step-*")))
-        trainer.run(
+        step.run(
             recipe, run, reward=args.reward, resume=resume, force=args.force or (retry and not resume), gpu=args.gpu
         )
 

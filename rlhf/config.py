@@ -82,17 +82,27 @@ class MergeConfig(Section):
 class GenerationConfig(Section):
     min_new_tokens: int = Field(4, ge=1, description="response lengths are drawn uniformly from [min, max]")
     max_new_tokens: int = Field(16, ge=1)
-    top_k: int = Field(0, ge=0, description="0 disables top-k: sample from the whole distribution")
-    top_p: float = Field(1.0, gt=0, le=1)
+    # RL scores each sample under the policy's full distribution (the PPO ratio, the KL): samples drawn from a
+    # top-k/top-p truncated one would be scored under the wrong distribution, so only the full one is accepted.
+    top_k: int = Field(0, ge=0, description="must be 0: RL samples from the whole distribution")
+    top_p: float = Field(1.0, gt=0, le=1, description="must be 1.0: RL samples from the whole distribution")
     temperature: float = Field(1.0, gt=0)
     stop_at_eos: bool = Field(False, description="false: responses run to their drawn length even past EOS")
 
     @model_validator(mode="after")
     def _lengths(self) -> GenerationConfig:
+        problems = []
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
+            problems.append(
                 f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
             )
+        if self.top_k != 0 or self.top_p != 1.0:
+            problems.append(
+                f"top_k ({self.top_k}) must be 0 and top_p ({self.top_p}) 1.0: RL scores each sample under the "
+                f"policy's full distribution, so samples from a truncated one would make the ratio and the KL wrong"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -149,6 +159,11 @@ class PpoConfig(Section):
         if self.prompt_min_tokens > self.prompt_max_tokens:
             problems.append(
                 f"prompt_min_tokens ({self.prompt_min_tokens}) must be <= prompt_max_tokens ({self.prompt_max_tokens})"
+            )
+        if self.lora.dropout > 0:
+            problems.append(
+                f"lora.dropout ({self.lora.dropout}) must be 0: PPO scores its old log-probs and the reference with "
+                f"the model in train mode, and dropout would make them random samples"
             )
         if problems:
             raise ValueError("; ".join(problems))

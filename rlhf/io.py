@@ -119,3 +119,11 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+def trim_jsonl(path: Path | str, last_step: int) -> None:
+    """Keep the rows logged up to `last_step` (the checkpoint a run resumes from): every step then appears once."""
+    path = Path(path)
+    if path.exists():
+        rows = [row for row in read_jsonl(path) if row.get("step", 0) <= last_step]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

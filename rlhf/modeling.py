@@ -116,7 +116,10 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
         # With a frozen embedding no tensor entering the first checkpointed block requires grad, and reentrant
         # checkpointing then silently produces no gradients for the adapters (the PEFT pitfall).
         model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINT_KWARGS)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns, then goes
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINT_KWARGS)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINT_KWARGS)
         model.config.use_cache = False
 
 

@@ -29,7 +29,7 @@ def _banner(text: str) -> None:
 def main(run_dir: str | None = None, force: bool = False) -> int:
     from rlhf import merge, report, sft
     from rlhf.fixtures import ensure_fixtures
-    from rlhf.ppo import trainer
+    from rlhf.ppo import step as ppo
 
     started = time.time()
     recipe = load_recipe("quickstart")
@@ -56,7 +56,7 @@ def main(run_dir: str | None = None, force: bool = False) -> int:
 
     _banner("4/5 rlhf ppo --reward quickstart-sentiment (second LoRA + value head, reference = adapter disabled)")
     t = time.time()
-    result = trainer.run(recipe, run, reward="quickstart-sentiment", force=force)
+    result = ppo.run(recipe, run, reward="quickstart-sentiment", force=force)
     timings["ppo"] = time.time() - t
 
     _banner("5/5 report")

@@ -22,7 +22,7 @@ from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.data import load_texts, tokenize_blocks
 from rlhf.errors import UserError
-from rlhf.io import atomic_dir, atomic_write_text, read_jsonl
+from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, trim_jsonl
 from rlhf.resolve import resolve_model
 from rlhf.runs import Run, mark_latest
 
@@ -243,13 +243,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
 
 def _trim_metrics(path: Path, checkpoint: str | None) -> None:
     """On resume keep the rows up to the checkpoint's step, so every step is logged exactly once; else start empty."""
-    if not path.exists():
-        return
-    step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
-    import json
-
-    kept = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    trim_jsonl(path, int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0)
 
 
 def _adapter_card(recipe: Recipe, steps: int) -> str:

@@ -121,6 +121,11 @@ def test_wrong_type_in_recipe_file(tmp_path, capsys):
         (["ppo.batch_size=10", "ppo.mini_batch_size=4"], ["batch_size (10) must be exactly divisible by"]),
         (["ppo.mini_batch_size=8", "ppo.gradient_accumulation_steps=3"], ["gradient_accumulation_steps (3)"]),
         (["ppo.generation.top_p=0"], ["'ppo.generation.top_p'"]),
+        # Truncated sampling would be scored under the full distribution: refused with the reason.
+        (["ppo.generation.top_p=0.9"], ["top_p (0.9) 1.0", "full distribution"]),
+        (["ppo.generation.top_k=50"], ["top_k (50) must be 0", "full distribution"]),
+        # Dropout in PPO's train-mode scoring passes would make old log-probs and the reference random.
+        (["ppo.lora.dropout=0.1"], ["lora.dropout (0.1) must be 0", "random"]),
         (["lora.dropout=1.5"], ["'lora.dropout'", "less than 1"]),
     ],
 )
@@ -370,7 +375,7 @@ def test_resume_killed_before_its_first_checkpoint_starts_over(ppo_two_steps, co
 def test_disk_full_during_checkpoint_keeps_the_previous(ppo_two_steps, copy_run, capsys, monkeypatch):
     import shutil
 
-    from rlhf.ppo import trainer
+    from rlhf.rl import checkpoint
 
     run = copy_run(ppo_two_steps)
     shutil.copytree(ppo_two_steps / "ppo/checkpoints", run / "ppo/checkpoints")
@@ -379,7 +384,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous(ppo_two_steps, copy_run,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
 
-    monkeypatch.setattr(trainer, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     line = one_error(capsys, "ppo", "--run", run, "--resume", *PPO_SMALL, "ppo.max_steps=3")
     assert "disk full" in line and "--resume" in line
     checkpoints = run / "ppo/checkpoints"
@@ -490,7 +495,7 @@ def test_sft_out_of_memory_with_auto_fit_retries_with_half_the_batch(tmp_path, c
 
 
 def test_ppo_out_of_memory_with_auto_fit(tmp_path, capsys, fixture_paths, monkeypatch):
-    from rlhf.ppo import trainer
+    from rlhf.ppo import step
 
     run = Run(tmp_path / "R")
     run.write_recipe(load_recipe("quickstart"))
@@ -500,7 +505,7 @@ def test_ppo_out_of_memory_with_auto_fit(tmp_path, capsys, fixture_paths, monkey
         seen.append(recipe.ppo)
         _oom()
 
-    monkeypatch.setattr(trainer, "run", run_oom)
+    monkeypatch.setattr(step, "run", run_oom)
     line = one_error(capsys, "ppo", "--run", run.root, "--auto-fit", code=3, prefix="rlhf: does not fit:")
     assert "ppo ran out of GPU memory" in line and "--auto-fit" not in line
     assert len(seen) == 2, "exactly one retry"
@@ -514,11 +519,11 @@ def test_ppo_out_of_memory_with_auto_fit(tmp_path, capsys, fixture_paths, monkey
 
 
 def test_ppo_out_of_memory_prints_the_budget(tmp_path, capsys, fixture_paths, monkeypatch):
-    from rlhf.ppo import trainer
+    from rlhf.ppo import step
 
     run = Run(tmp_path / "R")
     run.write_recipe(load_recipe("quickstart"))
-    monkeypatch.setattr(trainer, "run", _oom)
+    monkeypatch.setattr(step, "run", _oom)
     assert cli("ppo", "--run", run.root) == 3
     out, err = capsys.readouterr()
     assert "memory budget: ppo" in out and "3/4 of the predicted peak" in out and "cheapest changes" in out

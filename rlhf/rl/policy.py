@@ -1,4 +1,4 @@
-"""One quantized model, three roles: the policy (LoRA on), the reference (LoRA off) and the value trunk.
+"""One quantized model, several roles: the policy (its LoRA on), the reference (LoRA off) and, for PPO, the value trunk.
 
 Holding a second frozen copy as the reference would double the weights (20 GB more for gpt-neox-20b in 8-bit);
 the reference *is* the merged model, so the same weights with the adapter disabled give its log-probs exactly.
@@ -6,6 +6,7 @@ the reference *is* the merged model, so the same weights with the adapter disabl
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +38,33 @@ def position_ids_for(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Switch every dropout of the model off; returns how many were on.
+
+    RL scores old log-probs, values and the reference in train mode (the mode the update runs in: LLM.int8 and
+    checkpointing differ between modes), so any dropout would turn them into random samples. trl's
+    `disable_dropout_in_model` only zeroes `nn.Dropout` modules; attention dropout is also a float read by the
+    attention function (`self.attention_dropout`, `config.attention_dropout`), so those are zeroed here too.
+    """
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            switched += 1
+        for name in ("attention_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                switched += 1
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
+                setattr(config, key, 0.0)
+                switched += 1
+    return switched
+
+
 @dataclass
 class Scored:
     logprobs: Tensor  # [B, R] log-prob of each response token
@@ -44,31 +72,40 @@ class Scored:
     entropy: Tensor | None  # [B, R]
 
 
-class PolicyWithValue:
-    """The PEFT policy and its value head, with the forward passes PPO needs."""
+class Policy(nn.Module):
+    """The PEFT policy and (for PPO) its value head, with the forward passes RL needs.
 
-    def __init__(self, model, value_head: ValueHead, temperature: float = 1.0):
+    An `nn.Module` so that data parallelism can wrap adapter and value head together in one DDP module; `forward` is
+    `score`, the only pass that takes gradients.
+    """
+
+    def __init__(self, model, value_head: ValueHead | None = None, temperature: float = 1.0):
+        super().__init__()
         self.model = model
         self.value_head = value_head
         self.temperature = temperature
         self._hidden: Tensor | None = None
-        # The input of the output embedding is the last hidden state at exactly the positions whose logits are
-        # computed (logits_to_keep), which is what the value head needs: no full hidden-states tuple is kept.
-        model.get_output_embeddings().register_forward_pre_hook(self._keep_hidden)
+        # transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40).
+        forward_params = inspect.signature(model.get_base_model().forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        if value_head is not None:
+            # The input of the output embedding is the last hidden state at exactly the positions whose logits are
+            # computed (logits_to_keep), which is what the value head needs: no full hidden-states tuple is kept.
+            model.get_output_embeddings().register_forward_pre_hook(self._keep_hidden)
 
     def _keep_hidden(self, module, args):
         self._hidden = args[0]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        return [p for p in self.parameters() if p.requires_grad]
 
     @contextmanager
     def reference(self):
-        # The reference policy is the merged model itself: the same weights with the PPO adapter switched off.
+        # The reference policy is the merged model itself: the same weights with the policy adapter switched off.
         with self.model.disable_adapter():
             yield
 
-    def score(
+    def forward(
         self, input_ids: Tensor, attention_mask: Tensor, n_response: int, values: bool = True, entropy: bool = False
     ) -> Scored:
         """Log-probs (and values) of the last `n_response` tokens of prompt+response sequences.
@@ -91,66 +128,49 @@ class PolicyWithValue:
         if entropy:
             with torch.no_grad():
                 ent = entropy_from_logits(logits)
-        vals = self.value_head(self._hidden[:, :-1]) if values else None
+        vals = self.value_head(self._hidden[:, :-1]) if values and self.value_head is not None else None
         self._hidden = None
         return Scored(logprobs, vals, ent)
 
+    score = forward
+
     @torch.no_grad()
     def generate(
-        self,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        max_new_tokens: int,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Sample `max_new_tokens` tokens after left-padded prompts, with a KV cache.
 
-        Returns (response_ids [B, N], response_mask [B, N]); with `eos_token_id`, tokens after a row's first EOS are
-        masked out (the row keeps its EOS). Our own loop rather than generate(): positions, sampling and stopping
-        are exactly those the scoring forward assumes.
+        Returns (response_ids [B, N], response_mask [B, N], logprobs [B, N]: each sampled token's log-prob under the
+        distribution it was drawn from); with `eos_token_id`, tokens after a row's first EOS are masked out (the row
+        keeps its EOS). Our own loop rather than generate(): positions, sampling and stopping are exactly those the
+        scoring forward assumes.
         """
-        model = self.model
+        from transformers import DynamicCache
+
         ids, mask = prompt_ids, prompt_mask
         positions = position_ids_for(mask)
-        past = None
+        cache = DynamicCache(config=self.model.config)
         step_ids, step_pos = ids, positions
-        out_tokens = []
+        out_tokens, out_logprobs, response_mask = [], [], []
         alive = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        response_mask = []
         for _ in range(max_new_tokens):
-            out = model(
+            out = self.model(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_pos,
-                past_key_values=past,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kwarg: cache},
             )
-            past = out.past_key_values
             logits = out.logits[:, -1].float() / self.temperature
-            token = sample(logits, top_k, top_p)
+            token = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+            logprobs = torch.log_softmax(logits, dim=-1)
             out_tokens.append(token)
+            out_logprobs.append(logprobs.gather(-1, token[:, None]).squeeze(-1))
             response_mask.append(alive.clone())
             if eos_token_id is not None:
                 alive &= token != eos_token_id
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_ids = token[:, None]
             step_pos = positions[:, -1:] + len(out_tokens)
-        return torch.stack(out_tokens, 1), torch.stack(response_mask, 1).long()
-
-
-def sample(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Draw one token per row; top_k=0 and top_p=1 sample from the full distribution (the PPO default)."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cumulative - sorted_logits.softmax(-1) > top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+        return torch.stack(out_tokens, 1), torch.stack(response_mask, 1).long(), torch.stack(out_logprobs, 1)

@@ -1,0 +1,73 @@
+"""Held-out evaluation of a policy, before and after RL: the same prompts and seed every time.
+
+Reward and positive rate (the reward model's own judgement), the KL to the reference, and the policy's perplexity on
+held-out text, through `evaluate` modules shipped in rlhf/metrics and loaded by path (no hub).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf.config import GenerationConfig
+from rlhf.rl import rollout
+from rlhf.rl.policy import Policy
+from rlhf.rl.prompts import Prompts
+from rlhf.rl.telemetry import Timer
+
+
+def metric_path(name: str) -> Path:
+    return Path(__file__).resolve().parent.parent / "metrics" / name
+
+
+@torch.no_grad()
+def evaluate(
+    policy: Policy,
+    tokenizer,
+    reward,
+    prompts: Prompts,
+    texts: list[str],
+    gen: GenerationConfig,
+    rollout_batch_size: int,
+    seed: int,
+) -> dict:
+    import evaluate as hf_evaluate
+
+    if not texts:
+        return {}
+    batch = prompts.batch(0, len(texts))
+    timer = Timer()
+    ro = rollout.collect(policy, tokenizer, reward, batch, gen, rollout_batch_size, seed, timer)
+    order = torch.arange(len(batch))
+    rollout.score(ro, policy, rollout.partition(order, rollout_batch_size), values=False, timer=timer)
+    kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1)
+    reward_stats = hf_evaluate.load(str(metric_path("reward_stats")))
+    stats = reward_stats.compute(predictions=ro.scores.tolist(), references=[int(p) for p in ro.positive.tolist()])
+    return {
+        "reward": stats["mean_reward"],
+        "positive_rate": stats["positive_rate"],
+        "kl": kl.mean().item(),
+        "perplexity": perplexity(policy, tokenizer, texts, hf_evaluate.load(str(metric_path("token_perplexity")))),
+        "samples": [
+            {"prompt": p, "response": r, "reward": s}
+            for p, r, s in zip(ro.prompts[:8], ro.responses[:8], ro.scores[:8].tolist())
+        ],
+    }
+
+
+def perplexity(policy: Policy, tokenizer, texts: list[str], metric, n_docs: int = 32, max_tokens: int = 128) -> float:
+    """The policy's perplexity on held-out documents: how much RL cost the model as a language model."""
+    device = next(policy.parameters()).device
+    ids = tokenizer(texts[:n_docs], add_special_tokens=False)["input_ids"]
+    nll, count = [], []
+    policy.eval()
+    for doc in ids:
+        doc = doc[:max_tokens]
+        if len(doc) < 2:
+            continue
+        x = torch.tensor([doc], device=device)
+        lp = policy.score(x, torch.ones_like(x), len(doc) - 1, values=False).logprobs
+        nll.append(-lp.sum().item())
+        count.append(len(doc) - 1)
+    return metric.compute(predictions=nll, references=count)["perplexity"]
