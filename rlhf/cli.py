@@ -384,9 +384,33 @@ COMMANDS = {
 }
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' own chatter (deprecation notes, loading bars, info logs) out of the user's terminal: rlhf
+    prints what matters itself, and --debug shows everything again. Environment variables reach the libraries when
+    they are imported later (no import here: `--help` stays fast); ones already imported are told directly."""
+    import logging
+    import warnings
+
+    for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    libraries = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "evaluate", "torch", "trl")
+    for library in libraries:
+        warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
+    for name in (*libraries, "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("RLHF_DEBUG") == "1"
+    if not debug:
+        quiet_libraries()
     try:
         args = parse_args(argv)
         if args.command is None:

@@ -99,12 +99,19 @@ def load_base(cfg: ModelConfig, path: Path | str, quantization: str | None = Non
         raise
     if qconfig is None:
         model.to(device())
-    # Name the base as the user did (hub id or fixture name), not the cache path it was read from: the adapter's
-    # base_model_name_or_path then says what it was trained on, on any machine.
-    model.config._name_or_path = cfg.name
-    model.name_or_path = cfg.name  # what peft writes as base_model_name_or_path (read from the instance, not config)
+    # Name the base so that plain transformers/peft can load it again from any working directory: a hub id as the
+    # user wrote it (not the cache path it was read from), anything local (a directory, a fixture) by absolute path.
+    name = cfg.name if _is_hub_id(cfg.name) else str(Path(path).resolve())
+    model.config._name_or_path = name
+    model.name_or_path = name  # what peft writes as base_model_name_or_path (read from the instance, not config)
     model.requires_grad_(False)
     return model
+
+
+def _is_hub_id(name: str) -> bool:
+    from rlhf.resolve import is_fixture, looks_like_hub_id
+
+    return looks_like_hub_id(name) and not is_fixture(name) and not Path(name).expanduser().exists()
 
 
 def prepare_for_training(model, gradient_checkpointing: bool) -> None:

@@ -435,7 +435,7 @@ def test_nonfinite_reward_and_loss_skip_the_batch(merged_run, copy_run, tmp_path
     assert cli("ppo", "--run", run, "--reward", spec, *PPO_SMALL, "ppo.max_steps=2") == 0
     err = capsys.readouterr().err
     assert "non-finite reward or log-probs at step 1; batch skipped" in err
-    assert "non-finite loss at step 2; batch skipped" in err
+    assert "non-finite loss or gradient at step 2; batch skipped" in err
     rows = read_jsonl(run / "ppo/metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["nonfinite_skipped"] for r in rows] == [1, 2]

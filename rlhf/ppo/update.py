@@ -60,6 +60,7 @@ def optimise(
         order = first_order if epoch == 0 else torch.randperm(n, generator=generator)
         for mb_start in range(0, n, cfg.mini_batch_size):
             batches = partition(order[mb_start : mb_start + cfg.mini_batch_size], micro)
+            tokens = mask[order[mb_start : mb_start + cfg.mini_batch_size].to(mask.device)].sum()
             opt.optimizer.zero_grad(set_to_none=True)
             finite = True
             for i, idx in enumerate(batches):
@@ -69,7 +70,9 @@ def optimise(
                     m = mask[idx]
                     pg, pg_stats = core.policy_loss(out.logprobs, ro.logprobs[idx], advantages[idx], m, cfg.cliprange)
                     vf, vf_stats = core.value_loss(out.values, ro.values[idx], returns[idx], m, cfg.cliprange_value)
-                    loss = (pg + cfg.vf_coef * vf) * (len(idx) / sum(len(b) for b in batches))
+                    # Each micro-batch's token mean, weighted by its share of the mini-batch's tokens: the sum is
+                    # the mini-batch's token mean, so any gradient_accumulation_steps gives the same gradient.
+                    loss = (pg + cfg.vf_coef * vf) * (m.sum() / tokens)
                     # Decided together before any backward: DDP's all-reduce in the last backward needs every rank.
                     finite = opt.parallel.all_true(bool(torch.isfinite(loss)))
                     if not finite:

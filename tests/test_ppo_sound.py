@@ -1,0 +1,238 @@
+"""PPO where users run it: the ratio starts at 1 under LLM.int8, no dropout in RL passes, non-finite gradients never
+reach Adam, gradient accumulation changes nothing, a resume never silently changes the run, artifacts load with plain
+peft from anywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import cli
+
+from rlhf import modeling
+from rlhf.config import LoraConfig, load_recipe
+from rlhf.io import read_jsonl
+from rlhf.ppo import core, step
+from rlhf.ppo.trainer import PPOTrainer
+from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
+from rlhf.rl import rollout
+from rlhf.rl.parallel import Parallel
+from rlhf.rl.policy import Policy, ValueHead, disable_dropout
+from rlhf.rl.telemetry import Timer
+from rlhf.runs import Run
+
+SMALL = ["ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.rollout_batch_size=16", "ppo.ppo_epochs=1",
+         "ppo.eval_prompts=4"]  # fmt: skip
+
+
+def _trainer(merged_run, tmp_path, *overrides: str, model: dict | None = None) -> PPOTrainer:
+    root = tmp_path / "run"
+    shutil.copytree(merged_run, root, ignore=shutil.ignore_patterns("checkpoints"))
+    run = Run(root)
+    recipe, reward = step.prepare(load_recipe("quickstart", [*SMALL, *overrides]), run, None, False, False)
+    if model:
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=model)})
+    trainer = PPOTrainer(recipe, run, reward, Parallel())
+    trainer.setup()
+    return trainer
+
+
+def _scored_rollout(trainer: PPOTrainer, order: torch.Tensor) -> rollout.Rollout:
+    cfg = trainer.cfg
+    prompts = trainer.prompts.batch(0, cfg.batch_size)
+    ro = rollout.collect(trainer.policy, trainer.tokenizer, trainer.reward, prompts, cfg.generation, 16, 1, Timer())
+    rollout.score(ro, trainer.policy, rollout.partition(order, micro_batch_size(cfg)), True, Timer())
+    return ro
+
+
+def _nudge_adapter(model, std: float = 0.05) -> None:
+    """A non-zero LoRA B, so that the policy differs from the reference."""
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, std)
+
+
+# --- the ratio of the first mini-batch ---------------------------------------------------------------------------
+
+
+def test_first_minibatch_ratio_is_one_in_8bit(merged_run, tmp_path):
+    """A real PPO step on the 8-bit model with a low LLM.int8 threshold (outlier columns exist): the first mini-batch of
+    the first epoch sees the policy that sampled, so its logged ratio is 1 and its approx-KL 0."""
+    trainer = _trainer(merged_run, tmp_path, model={"llm_int8_threshold": 1.0})
+    assert type(trainer.model.base_model.model.gpt_neox.layers[0].attention.query_key_value.base_layer).__name__ == (
+        "Linear8bitLt"
+    )
+    row = trainer.ppo_step()
+    assert row is not None
+    assert row["first_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert row["first_approx_kl"] < 1e-8 and row["first_clipfrac"] == 0.0
+    logged = read_jsonl(trainer.run.ppo_dir / "metrics.jsonl")[-1]
+    assert {"first_ratio", "first_approx_kl", "first_clipfrac", "grad_norm"} <= logged.keys()
+
+
+def test_old_logprobs_scored_in_the_update_partition_match_exactly(merged_run, tmp_path, monkeypatch):
+    """LLM.int8 picks outlier columns per batch, so a row's log-prob depends on the rows beside it. bitsandbytes shows
+    that on the CPU in eval mode (its CPU train-mode path happens to be batch-independent), so this test holds the
+    policy in eval mode: scored in the update's own micro-batches the old log-probs match the update's forward exactly;
+    scored in rollout-sized chunks (what PPO did before) they do not, which is the ratio error on CUDA."""
+    trainer = _trainer(merged_run, tmp_path, model={"llm_int8_threshold": 1.0})
+    _nudge_adapter(trainer.model)
+    train = type(trainer.policy).train
+    monkeypatch.setattr(trainer.policy, "train", lambda mode=True: train(trainer.policy, False))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(5))
+    micro = micro_batch_size(trainer.cfg)
+    ro = _scored_rollout(trainer, order)
+    first = order[:micro]
+    with torch.no_grad():
+        new = trainer.policy(ro.input_ids[first], ro.attention_mask[first], ro.response.shape[1]).logprobs
+    mask = ro.response_mask[first]
+    same = core.masked_mean((new - ro.logprobs[first]).abs(), mask).item()
+    rollout.score(ro, trainer.policy, rollout.partition(torch.arange(16), 16), True, Timer())
+    other = core.masked_mean((new - ro.logprobs[first]).abs(), mask).item()
+    assert same == 0.0
+    assert other > 1e-4, "the batch dependence this guards against must show, or the test proves nothing"
+
+
+# --- dropout ----------------------------------------------------------------------------------------------------
+
+
+def _tiny(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "opt":  # residual and attention dropout as `self.dropout` floats
+        config = OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2, vocab_size=64,
+                           word_embed_proj_dim=32, dropout=0.3, attention_dropout=0.3)  # fmt: skip
+        return OPTForCausalLM(config), ["q_proj", "v_proj"]
+    # attention dropout as a float handed to the attention function
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, attention_dropout=0.3)  # fmt: skip
+    return LlamaForCausalLM(config), ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_rl_passes_have_no_dropout(kind):
+    """In train mode (where RL scores) a model with dropout gives random log-probs; after disable_dropout, the same.
+    LoRA's own dropout is an nn.Dropout module; the bases' are floats read by their forward."""
+    base, targets = _tiny(kind)
+    base.requires_grad_(False)
+    model = modeling.add_lora(base, LoraConfig(rank=4, alpha=8, dropout=0.3, target_modules=targets))
+    policy = Policy(model, ValueHead(32)).train()
+    ids = torch.randint(0, 64, (3, 10))
+    mask = torch.ones_like(ids)
+
+    def twice():
+        with torch.no_grad():
+            return [policy.score(ids, mask, 5).logprobs for _ in range(2)]
+
+    a, b = twice()
+    assert (a - b).abs().max() > 1e-3, "dropout is active, or this test proves nothing"
+    assert disable_dropout(model) > 0
+    a, b = twice()
+    assert torch.equal(a, b)
+
+
+# --- non-finite gradients ---------------------------------------------------------------------------------------
+
+
+def test_nonfinite_gradient_skips_the_update(merged_run, tmp_path):
+    """A finite loss whose gradient is inf: the mini-batch is skipped and counted, and neither the adapter nor Adam's
+    moments see it."""
+    trainer = _trainer(merged_run, tmp_path)
+    lora = next(p for n, p in trainer.model.named_parameters() if "lora_A" in n)
+    handle = lora.register_hook(lambda grad: grad * float("inf"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainer.ppo_step() is None
+    assert trainer.nonfinite_total == 1 and trainer.step == 0
+    assert not trainer.optimizer.state, "Adam never stepped"
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[name]), name
+    handle.remove()
+    row = trainer.ppo_step()
+    assert row is not None and trainer.step == 1 and row["grad_norm"] > 0
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+# --- gradient accumulation --------------------------------------------------------------------------------------
+
+
+class Recorder(torch.optim.SGD):
+    """SGD with learning rate 0 that keeps a copy of the gradients it was asked to apply."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.seen: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.seen.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+        return super().step(closure)
+
+
+def test_gradient_accumulation_gives_the_same_gradient(merged_run, tmp_path):
+    """One mini-batch of 16 in one micro-batch, or in 2 x 8 with ragged responses: the same gradient (unquantized,
+    so float error is all that differs)."""
+    trainer = _trainer(
+        merged_run, tmp_path, "ppo.mini_batch_size=16", "ppo.generation.stop_at_eos=true",
+        model={"quantization": "none", "dtype": "float32"},
+    )  # fmt: skip
+    _nudge_adapter(trainer.model)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    ro = _scored_rollout(trainer, order)
+    assert len(set(ro.response_mask.sum(1).tolist())) > 1, "ragged responses, or the token weighting is untested"
+    grads = []
+    for accumulation in (1, 2):
+        cfg = trainer.cfg.model_copy(update={"gradient_accumulation_steps": accumulation})
+        recorder = Recorder(trainer.params)
+        opt = Optimisation(trainer.policy, trainer.params, recorder, trainer.parallel)
+        optimise(ro, ro.scores.float(), opt, cfg, 0.1, order, torch.Generator(), Timer())
+        grads.append(recorder.seen[0])
+    for one, two in zip(*grads):
+        assert torch.allclose(one, two, rtol=1e-5, atol=1e-7), (one - two).abs().max()
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_changed_settings(merged_run, copy_run, capsys):
+    run = copy_run(merged_run)
+    args = ("ppo", "--run", run, *SMALL, "ppo.save_steps=1")
+    assert cli(*args, "ppo.max_steps=1") == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (run / "ppo").rglob("*"))
+    assert (
+        cli(*args, "ppo.max_steps=2", "--resume", "ppo.learning_rate=0.0005", "ppo.generation.max_new_tokens=12") == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume would change" in err[0]
+    assert "ppo.learning_rate: 0.001 -> 0.0005" in err[0] and "ppo.generation.max_new_tokens: 16 -> 12" in err[0]
+    assert "--force" in err[0]
+    assert sorted(p.name for p in (run / "ppo").rglob("*")) == before, "nothing written"
+    # Settings that cannot change the trajectory may change; --force accepts the others.
+    assert cli(*args, "ppo.max_steps=2", "--resume", "ppo.sample_every=7") == 0
+    assert cli(*args, "ppo.max_steps=3", "--resume", "--force", "ppo.learning_rate=0.0005") == 0
+    assert [r["step"] for r in read_jsonl(run / "ppo/metrics.jsonl")] == [1, 2, 3]
+
+
+# --- artifacts --------------------------------------------------------------------------------------------------
+
+
+def test_adapters_load_with_plain_peft_from_anywhere(merged_run, copy_run, tmp_path, monkeypatch):
+    """sft/adapter and ppo/adapter name bases that plain transformers + peft resolve from any working directory."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = copy_run(merged_run)
+    assert cli("ppo", "--run", run, *SMALL, "ppo.max_steps=1") == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for adapter in (run / "sft/adapter", run / "ppo/adapter"):
+        base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), str(adapter))
+        trained = [n for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+        assert trained, f"{adapter}: the loaded adapter holds its trained weights"
+    assert base_name == str((run / "merged").resolve())
