@@ -14,13 +14,14 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from rlhf.memory import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -35,10 +36,6 @@ SHAPE = dict(
     vocab_size=50304,
     max_position_embeddings=2048,
 )
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # --- the children: each prints one RESULT line ------------------------------------------------------------------
@@ -70,7 +67,7 @@ def imports_only(work: Path) -> dict:
 
     import rlhf.merge  # noqa: F401
 
-    return {"peak": peak_rss(), "seconds": None}
+    return {"peak": peak_rss_bytes(), "seconds": None}
 
 
 def settle() -> None:
@@ -94,7 +91,7 @@ def streaming(work: Path) -> dict:
     start = time.perf_counter()
     result = merge_checkpoint(work / "base", work / "adapter", work / "stream", "float16", SHARD, probe=False)
     return {
-        "peak": peak_rss(),
+        "peak": peak_rss_bytes(),
         "seconds": time.perf_counter() - start,
         "predicted": result.predicted_peak_bytes,
         "max_abs_diff_weights": result.max_abs_diff_weights,
@@ -112,7 +109,7 @@ def peft_merge(work: Path) -> dict:
     model = PeftModel.from_pretrained(model, work / "adapter").merge_and_unload()
     model.save_pretrained(work / "peft", max_shard_size=SHARD)
     durable(work / "peft")
-    return {"peak": peak_rss(), "seconds": time.perf_counter() - start}
+    return {"peak": peak_rss_bytes(), "seconds": time.perf_counter() - start}
 
 
 def compare(work: Path) -> dict:

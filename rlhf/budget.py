@@ -63,9 +63,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import PACKAGE_DIR, Recipe
+from rlhf.dtypes import DTYPE_BYTES
 from rlhf.errors import DoesNotFit, UserError
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+from rlhf.units import GiB, MiB, format_bytes, parse_size
 
 COMPONENTS = (
     "weights",
@@ -97,31 +97,10 @@ CUDA_CONTEXT = 500 * MiB  # driver context + kernels; outside torch's allocator,
 FRAGMENTATION = 0.10  # of the bytes allocated and freed during a step (activations, logits, KV cache, gradients)
 PROCESS_RAM = 512 * MiB  # Python + torch + transformers, for a planned merge (a live one reads its own RSS)
 LOGPROB_CHUNK = 512  # tokens per fp32 chunk in rlhf.ppo.core (DEFAULT_CHUNK_TOKENS)
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 DEFAULT_REWARD = {"model": "lvwerra/distilbert-imdb", "batch_size": 16, "device": "auto", "max_length": 512}
 
 
 # --- sizes and devices ------------------------------------------------------------------------------------------
-
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": KiB,
-    "mib": MiB,
-    "gib": GiB,
-    "tib": 1 << 40,
-}
-
-
-def parse_size(text: str) -> int | None:
-    """'24GiB' -> 24 * 2**30, '24GB' -> 24 * 10**9, '512MiB', '1.5GiB'; None when `text` is not a size."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]|[bB])\s*", text)
-    if not match:
-        return None
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def gpu_bytes(spec: str, source: str = "--gpu") -> int:
@@ -174,15 +153,6 @@ def device_memory(gpu: str | None, recipe: Recipe) -> tuple[int, str]:
     """(bytes, description) of the memory to plan against; see `resolve_device` for the precedence."""
     device = resolve_device(gpu, recipe)
     return device.bytes, device.description
-
-
-def format_bytes(n: int | float) -> str:
-    n = int(n)
-    sign, n = ("-" if n < 0 else ""), abs(n)
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= size:
-            return f"{sign}{n / size:.2f} {unit}"
-    return f"{sign}{n} B"
 
 
 # --- model shapes, without weights ------------------------------------------------------------------------------

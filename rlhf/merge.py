@@ -15,16 +15,13 @@ is not ours. A model small enough for RAM also gets a logit probe: merged model 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import json
 import math
 import re
-import resource
 import shutil
 import struct
-import sys
 import tempfile
 import time
 import warnings
@@ -40,12 +37,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rlhf.dtypes import torch_dtype
 from rlhf.errors import DoesNotFit, UserError
 from rlhf.io import atomic_dir
+from rlhf.memory import peak_rss_bytes, release_freed_memory
 from rlhf.resolve import looks_like_hub_id, resolve_model
 from rlhf.runs import Run, existing_run
+from rlhf.units import format_bytes, parse_size
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+OUTPUT_DTYPES = ("float16", "bfloat16")  # what merge writes (merge.dtype)
 METHODS = ("linear", "cat", "ties", "dare_ties")
 RECORD = "merge.json"  # written into the merged dir: what was merged, and the checks' numbers
 PEFT_PREFIX = "base_model.model."
@@ -144,8 +144,8 @@ def _check_args(
     run_: Run, dtype: str, adapters: list[str] | None, weights: list[float] | None, method: str, density: float
 ) -> tuple[list[Path], list[float]]:
     problems = []
-    if dtype not in DTYPES:
-        problems.append(f"--dtype is '{dtype}'; use one of {', '.join(DTYPES)}")
+    if dtype not in OUTPUT_DTYPES:
+        problems.append(f"--dtype is '{dtype}'; use one of {', '.join(OUTPUT_DTYPES)}")
     if method not in METHODS:
         problems.append(f"--method is '{method}'; use one of {', '.join(METHODS)}")
     if not 0 < density <= 1:
@@ -248,9 +248,9 @@ def merge_checkpoint(
     """
     start = time.perf_counter()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise UserError(f"dtype is '{dtype}'; use one of {', '.join(DTYPES)}")
-    target_dtype = DTYPES[dtype]
+    if dtype not in OUTPUT_DTYPES:
+        raise UserError(f"dtype is '{dtype}'; use one of {', '.join(OUTPUT_DTYPES)}")
+    target_dtype = torch_dtype(dtype)
     config = json.loads((base_dir / "config.json").read_text())
     entries = checkpoint_entries(base_dir)
     check_not_quantized(base_dir, config, entries)
@@ -258,7 +258,7 @@ def merge_checkpoint(
     plan = plan_merge(entries, adapter, config)
 
     outputs = [(e.name, _output_dtype(e.dtype, target_dtype), e.shape) for e in entries]
-    shards = plan_shards(outputs, parse_size(max_shard_size))
+    shards = plan_shards(outputs, max_shard_bytes(max_shard_size))
     out_bytes = sum(_nbytes(d, s) for _, d, s in outputs)
     params = sum(e.numel for e in entries if e.dtype.is_floating_point)
     predicted = predict_peak_ram(entries, plan, target_dtype, adapter.nbytes)
@@ -272,7 +272,7 @@ def merge_checkpoint(
     if probe is None:
         available = psutil.virtual_memory().available
         probe = 4 * params < available / 4
-        skipped = f"the fp32 model, {_size(4 * params)}, is over 1/4 of the available {_size(available)}"
+        skipped = f"the fp32 model, {format_bytes(4 * params)}, is over 1/4 of the available {format_bytes(available)}"
 
     reference = PeftReference(adapter)
     with atomic_dir(out_dir) as tmp:
@@ -312,8 +312,8 @@ def merge_checkpoint(
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record, adapter.config, tolerance))
     _say(
-        f"wrote {out_dir} in {result.seconds:.1f} s; peak RSS {_size(result.peak_rss_bytes)} "
-        f"(merge {_size(stream_peak)}, predicted {_size(predicted)})"
+        f"wrote {out_dir} in {result.seconds:.1f} s; peak RSS {format_bytes(result.peak_rss_bytes)} "
+        f"(merge {format_bytes(stream_peak)}, predicted {format_bytes(predicted)})"
     )
     return result
 
@@ -600,16 +600,12 @@ class ShardWriter:
                 raise RuntimeError(f"{path.name} does not hold the planned tensors")
 
 
-def parse_size(size: str | int) -> int:
-    """'2GB' -> 2_000_000_000 (decimal, as transformers' max_shard_size), '4GiB' -> 4 * 2**30."""
-    if isinstance(size, int):
-        return size
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
-    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
+def max_shard_bytes(size: str | int) -> int:
+    """merge.max_shard_size in bytes: '2GB' -> 2_000_000_000, '4GiB' -> 4 * 2**30, a plain number is bytes."""
+    n = parse_size(size, bare_bytes=True)
+    if n is None:
         raise UserError(f"merge.max_shard_size is '{size}', which is not a size; write e.g. 2GB, 500MB or 4GiB")
-    return int(float(match.group(1)) * units[match.group(2).upper()])
+    return n
 
 
 def _write_model_files(base_dir: Path, adapter_dir: Path, out: Path, config: dict, dtype: str, shards) -> None:
@@ -1086,29 +1082,6 @@ def _no_progress_bars() -> Iterator[None]:
 # --- memory, disk, report ---------------------------------------------------------------------------------------
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except AttributeError:  # macOS, musl: nothing to call
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Give freed heap pages back to the OS. glibc keeps freed blocks under 32 MB for reuse; with tensors of many
-    sizes they fragment, and the process would creep up by ~100 MB over a 1 B-parameter merge."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def predict_peak_ram(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype, adapter_bytes: int) -> int:
     """This process now, plus the adapter twice (ours and peft's copy), plus the largest one-tensor working set.
 
@@ -1136,16 +1109,17 @@ def check_fits(
     free_disk = shutil.disk_usage(existing).free
     largest_shard = max(sum(e.nbytes for e in group) for group in _files(entries).values())
     report = (
-        f"  RAM:  predicted peak {_size(predicted)} (this process {_size(now)}, adapter {_size(adapter_bytes)}, "
-        f"one tensor at a time; largest input shard {_size(largest_shard)}); available {_size(available)}\n"
-        f"  disk: {_size(out_bytes)} for the merged shards in {out_dir.parent}; free {_size(free_disk)}"
+        f"  RAM:  predicted peak {format_bytes(predicted)} (this process {format_bytes(now)}, "
+        f"adapter {format_bytes(adapter_bytes)}, one tensor at a time; largest input shard "
+        f"{format_bytes(largest_shard)}); available {format_bytes(available)}\n"
+        f"  disk: {format_bytes(out_bytes)} for the merged shards in {out_dir.parent}; free {format_bytes(free_disk)}"
     )
     _say(report)
     problems = []
     if predicted - now > available:
-        problems.append(f"about {_size(predicted - now)} more RAM than the {_size(available)} available")
+        problems.append(f"about {format_bytes(predicted - now)} more RAM than the {format_bytes(available)} available")
     if out_bytes > free_disk:
-        problems.append(f"{_size(out_bytes)} of disk but {out_dir.parent} has {_size(free_disk)} free")
+        problems.append(f"{format_bytes(out_bytes)} of disk but {out_dir.parent} has {format_bytes(free_disk)} free")
     if problems and not force:
         raise DoesNotFit(f"the merge needs {' and '.join(problems)}; free some, or pass --force to try anyway", report)
 
@@ -1198,11 +1172,6 @@ def model_card(record: dict[str, Any], adapter_config: dict[str, Any], tolerance
     if record.get("recipe_yaml"):
         lines += ["", "## Recipe", "", "```yaml", record["recipe_yaml"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
-
-
-def _size(n: float) -> str:
-    power = min(int(math.log(max(abs(n), 1), 1024)), 4)
-    return f"{n / 1024**power:.2f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[power]}"
 
 
 def _count(n: int) -> str:

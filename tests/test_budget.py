@@ -285,6 +285,8 @@ def test_gpu_names_and_sizes():
     assert budget.gpu_bytes("RTX4090") == budget.GPUS["rtx4090"]
     with pytest.raises(UserError, match="rtx4090.*a100-80.*24GiB"):
         budget.gpu_bytes("big")
+    with pytest.raises(UserError, match="'24'"):  # a forgotten unit, not a card of 24 bytes
+        budget.gpu_bytes("24")
 
 
 def test_device_precedence(neox20b, monkeypatch):

@@ -382,7 +382,8 @@ def test_not_enough_ram_is_refused_unless_forced(models, tmp_path, monkeypatch):
 
 
 def test_parse_size():
-    assert merge.parse_size("2GB") == 2 * 10**9
-    assert merge.parse_size("500 MiB") == 500 * 2**20
+    assert merge.max_shard_bytes("2GB") == 2 * 10**9
+    assert merge.max_shard_bytes("500 MiB") == 500 * 2**20
+    assert merge.max_shard_bytes("1000") == 1000  # a plain number is bytes, as transformers reads max_shard_size
     with pytest.raises(UserError, match="max_shard_size"):
-        merge.parse_size("big")
+        merge.max_shard_bytes("big")
