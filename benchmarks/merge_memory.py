@@ -22,10 +22,10 @@ from datetime import date
 from pathlib import Path
 
 from rlhf.memory import peak_rss_bytes
+from rlhf.units import GiB
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-GiB = 2**30
 SHARD = "2GB"
 # hidden 2048, 16 layers, 50304-token vocab: 12 * 16 * 2048^2 + 2 * 50304 * 2048 = 1.01 B parameters
 SHAPE = dict(
