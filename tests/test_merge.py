@@ -13,6 +13,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -34,6 +35,7 @@ from transformers import (
 from rlhf import merge
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import DoesNotFit, UserError
+from rlhf.merge import adapters as merge_adapters
 from rlhf.runs import Run
 
 LOGITS_ATOL = 1e-2
@@ -354,8 +356,8 @@ def test_dora_adapter_is_refused(models, tmp_path):
 
 def test_a_wrong_merge_fails_the_check_and_leaves_nothing(models, tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", models["neox"], models["adapter"])
-    real = merge.lora_scaling
-    monkeypatch.setattr(merge, "lora_scaling", lambda config, module, rank: real(config, module, rank) * 1.01)
+    real = merge_adapters.lora_scaling
+    monkeypatch.setattr(merge_adapters, "lora_scaling", lambda config, module, rank: real(config, module, rank) * 1.01)
     with pytest.raises(merge.MergeCheckFailed, match="query_key_value"):
         merge.run(str(run.root))
     assert not run.merged.exists() and not list(run.root.glob(".merged*"))
@@ -373,7 +375,7 @@ def test_not_enough_ram_is_refused_unless_forced(models, tmp_path, monkeypatch):
     class Tiny:
         available = 1024
 
-    monkeypatch.setattr(merge.psutil, "virtual_memory", lambda: Tiny())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     with pytest.raises(DoesNotFit, match="RAM"):
         merge.merge_checkpoint(models["neox"], models["adapter"], tmp_path / "merged", progress=False)
     result = merge.merge_checkpoint(models["neox"], models["adapter"], tmp_path / "merged", force=True)
