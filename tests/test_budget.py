@@ -379,7 +379,7 @@ def test_gpt_neox_20b_ppo_at_12gib_ranks_reestimated_suggestions(neox20b):
 def test_gpt_neox_20b_merge_is_ram_and_disk(neox20b):
     est = budget.estimate(neox20b, "merge", 64 * GiB, disk_path=".")
     assert est.disk_bytes == 2 * NEOX_20B  # fp16 shards
-    assert est.components["weights"] == 13 * 6144 * 18432  # fp16 qkv + two fp32 scratch + fp16 out + bool mask
+    assert est.components["weights"] == 12 * 6144 * 18432  # fp16 qkv + two fp32 scratch + fp16 out
     assert est.fits == (est.disk_free >= est.disk_bytes)
 
 

@@ -32,10 +32,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf import merge
+from rlhf import budget, merge
+from rlhf.config import LoraConfig as RecipeLora
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import DoesNotFit, UserError
 from rlhf.merge import adapters as merge_adapters
+from rlhf.merge.adapters import plan_merge, read_adapter
+from rlhf.merge.io import checkpoint_entries
+from rlhf.merge.ram import largest_working_set
 from rlhf.runs import Run
 
 LOGITS_ATOL = 1e-2
@@ -381,6 +385,19 @@ def test_not_enough_ram_is_refused_unless_forced(models, tmp_path, monkeypatch):
     result = merge.merge_checkpoint(models["neox"], models["adapter"], tmp_path / "merged", force=True)
     assert result.max_abs_diff_logits is None  # too little RAM for the probe: the in-stream check still ran
     assert result.max_abs_diff_weights > 0
+
+
+def test_budget_plans_a_merge_by_the_merges_own_formula(models):
+    """`rlhf budget` sizes a merge from shapes with the merge's own RAM formula: the same largest tensor, the same
+    adapter bytes as the merge computes from the checkpoint."""
+    recipe = Recipe(model=ModelConfig(name=str(models["neox"]), quantization="none"), lora=RecipeLora(rank=4))
+    est = budget.estimate(recipe, "merge", 1 << 40)
+    entries = checkpoint_entries(models["neox"])
+    adapter = read_adapter(models["adapter"])
+    plan = plan_merge(entries, adapter, json.loads((models["neox"] / "config.json").read_text()))
+    qkv = 96 * 32 * (4 + 8 + 2)  # fp32 base, two fp32 tensors, fp16 output: nothing else
+    assert est.components["weights"] == largest_working_set(entries, plan, torch.float16) == qkv
+    assert est.components["lora"] == 2 * adapter.nbytes
 
 
 def test_parse_size():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf.budget.device import resolve_device
-from rlhf.budget.peak import DEFAULT_REWARD, Estimate, estimate
+from rlhf.budget.peak import Estimate, estimate, load_reward_spec
 from rlhf.config import Recipe
 
 
@@ -51,7 +51,7 @@ def _set(recipe: Recipe, key: str, value: Any) -> Recipe:
 def apply_changes(recipe: Recipe, spec: dict | None, changes: tuple[Change, ...]) -> tuple[Recipe, dict | None]:
     for change in changes:
         if change.key == "reward.device":
-            spec = {**(spec or DEFAULT_REWARD), "device": change.value}
+            spec = {**(spec or load_reward_spec(recipe.reward.name)), "device": change.value}
         else:
             recipe = _set(recipe, change.key, change.value)
     return recipe, spec

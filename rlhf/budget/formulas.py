@@ -30,7 +30,7 @@ activations   what autograd keeps, per GPT-NeoX layer and token (d = bytes of mo
 logits        SFT: transformers' loss upcasts the logits to fp32 and keeps the fp32 log-softmax for backward, whose
               gradient is another fp32 tensor: 12 bytes per batch x sequence x vocab element at the peak.
               PPO: only the response positions' logits (`logits_to_keep`), in model.dtype, with log-probs and
-              entropy computed in fp32 one chunk of <= 512 tokens at a time (`rlhf.ppo.core`).
+              entropy computed in fp32 one chunk of <= DEFAULT_CHUNK_TOKENS at a time (`rlhf.ppo.core`).
 kv_cache      generation: 2 x layers x kv heads x head_dim x (prompt + response) x rollout batch x d.
 value_head    fp32 Linear(h, 1) and, in the update, the fp32 copy of the hidden states it reads.
 reward_model  the classifier's weights (its checkpoint dtype) and inference activations, on the GPU only when its
@@ -47,8 +47,6 @@ from typing import Any
 
 from rlhf.budget.shapes import LinearShape, ModelShape, model_shape
 from rlhf.dtypes import DTYPE_BYTES
-
-LOGPROB_CHUNK = 512  # tokens per fp32 chunk in rlhf.ppo.core (DEFAULT_CHUNK_TOKENS)
 
 
 def int8_bytes(lin: LinearShape) -> int:
@@ -199,11 +197,12 @@ def inference_fixed(shape: ModelShape, s: TrainSetup) -> int:
     return 0
 
 
-def chunk_tokens(batch: int, length: int, chunk: int = LOGPROB_CHUNK) -> int:
-    """Tokens in one fp32 chunk of `rlhf.ppo.core._chunks` for logits [batch, length, V]."""
-    if length <= chunk:
-        return min(batch, max(1, chunk // max(length, 1))) * length
-    return chunk
+def chunk_tokens(batch: int, length: int) -> int:
+    """Tokens in the largest fp32 chunk `rlhf.ppo.core` cuts logits [batch, length, V] into (by its own `_chunks`)."""
+    from rlhf.ppo.core import DEFAULT_CHUNK_TOKENS, _chunks
+
+    chunks = _chunks(batch, length, DEFAULT_CHUNK_TOKENS)
+    return max((len(range(batch)[rows]) * len(range(length)[tokens]) for rows, tokens in chunks), default=0)
 
 
 def reward_bytes(

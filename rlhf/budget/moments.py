@@ -10,8 +10,6 @@ are freed before the backward pass reaches the layers. The estimate takes the la
 
 from __future__ import annotations
 
-import inspect
-import re
 from typing import Any
 
 from rlhf.budget.formulas import (
@@ -35,15 +33,11 @@ PROCESS_RAM = 512 * MiB  # Python + torch + transformers, for a planned merge (a
 
 
 def checkpoint_reentrant() -> bool:
-    """Whether rlhf's gradient checkpointing is reentrant: `modeling.CHECKPOINT_KWARGS` when it exists, else what
-    `modeling.prepare_for_training` passes to gradient_checkpointing_enable."""
+    """Whether rlhf's gradient checkpointing is reentrant: what `modeling.CHECKPOINT_KWARGS` passes to
+    gradient_checkpointing_enable (transformers' default is reentrant)."""
     from rlhf import modeling
 
-    kwargs = getattr(modeling, "CHECKPOINT_KWARGS", None)
-    if kwargs is not None:
-        return bool(kwargs.get("use_reentrant", True))
-    match = re.search(r"use_reentrant\W+(True|False)", inspect.getsource(modeling.prepare_for_training))
-    return match is None or match.group(1) == "True"  # transformers' default is reentrant
+    return bool(modeling.CHECKPOINT_KWARGS.get("use_reentrant", True))
 
 
 def _lora_setup(recipe: Recipe, step: str, device_kind: str) -> TrainSetup:
@@ -182,19 +176,24 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
 
 
 def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
-    """RAM of `rlhf merge`, as `rlhf.merge.predict_peak_ram` computes it, from shapes instead of the checkpoint."""
+    """RAM of `rlhf merge` by the merge's own formula (`rlhf.merge.ram`), from shapes instead of the checkpoint: its
+    Linear weights (the largest tensors), the fp32 SFT adapter, and PROCESS_RAM for the process a live merge reads."""
+    from rlhf.merge.ram import peak_ram_parts, working_set_bytes
+
     src = DTYPE_BYTES.get(shape.checkpoint_dtype, 4)
     out = DTYPE_BYTES[recipe.merge.dtype]
+    cast = shape.checkpoint_dtype != recipe.merge.dtype
     targets = set(recipe.lora.target_modules)
-    largest = 0
-    for lin in shape.linears:
-        n = lin.in_features * lin.out_features
-        if lin.name in targets:
-            largest = max(largest, src * n + 8 * n + out * n + n)  # base, two fp32 scratch, output, a bool mask
-        else:
-            largest = max(largest, src * n + (out * n if src != out else 0))
-    n_lora = lora_params(shape, recipe.lora.rank, list(recipe.lora.target_modules))
-    parts = {"weights": largest, "lora": 2 * 4 * n_lora, "overhead": PROCESS_RAM}
+    largest = max(
+        (
+            working_set_bytes(lin.in_features * lin.out_features, src, out, merged=lin.name in targets, cast=cast)
+            for lin in shape.linears
+        ),
+        default=0,
+    )
+    adapter = 4 * lora_params(shape, recipe.lora.rank, list(recipe.lora.target_modules))
+    ram = peak_ram_parts(PROCESS_RAM, adapter, largest)
+    parts = {"weights": ram["tensor"], "lora": ram["adapters"], "overhead": ram["process"]}
     disk = out * shape.params  # non-persistent buffers (rotary frequencies) are not saved
     settings = (
         f"streamed on the CPU, one tensor at a time, to {recipe.merge.dtype} shards of {recipe.merge.max_shard_size}"

@@ -29,7 +29,7 @@ COMPONENTS = (
 )
 STEPS = ("sft", "merge", "ppo")
 FRAGMENTATION = 0.10  # of the bytes allocated and freed during a step (activations, logits, KV cache, gradients)
-DEFAULT_REWARD = {"model": "lvwerra/distilbert-imdb", "batch_size": 16, "device": "auto", "max_length": 512}
+ASSUMED_REWARD_MODEL = "lvwerra/distilbert-imdb"  # sized, with a spec's defaults, when the spec cannot be read
 
 
 @dataclass
@@ -87,17 +87,17 @@ class Estimate:
 
 def load_reward_spec(name: str) -> dict[str, Any]:
     """The reward spec's fields the budget needs (model, batch_size, device, max_length); a distilbert-base-sized
-    classifier on the device when the spec cannot be found or read (the step itself reports that error)."""
-    from rlhf.rewards import load_spec
+    classifier with a spec's defaults when the spec cannot be found or read (the step itself reports that error)."""
+    from rlhf.rewards import RewardSpec, load_spec
 
     try:
-        spec = load_spec(name)
+        spec, assumed = load_spec(name), {}
     except UserError:
-        return {**DEFAULT_REWARD, "assumed": True}
+        spec, assumed = RewardSpec(name=name, model=ASSUMED_REWARD_MODEL), {"assumed": True}
     if spec.type != "text-classification":
         return {"model": None, "batch_size": 0, "device": "cpu", "max_length": 0, "callable": True}
     fields = {"model": spec.model, "batch_size": spec.batch_size, "device": spec.device, "max_length": spec.max_length}
-    return {**DEFAULT_REWARD, **fields}
+    return fields | assumed
 
 
 def _finish(moments: dict[str, dict[str, int]], static: tuple[str, ...], device_kind: str) -> tuple[str, dict, int]:

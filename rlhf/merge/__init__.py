@@ -17,7 +17,7 @@ io.py        safetensors read one tensor at a time, shards planned and written, 
 adapters.py  the adapter: what can be merged, its A/B pairs and scaling, the base tensor each one belongs to
 verify.py    the checks: each tensor against peft's delta, the logit probe
 combine.py   several adapters combined by peft (--adapters ... --weights ...)
-ram.py       the RAM and disk a merge needs (`rlhf budget` uses the same formula)
+ram.py       the RAM and disk a merge needs (`rlhf budget` plans a merge with the same formula)
 card.py      the merged model's README.md
 """
 

@@ -1,4 +1,6 @@
-"""The RAM and disk a merge needs: the prediction, and the check against what this machine has."""
+"""The RAM and disk a merge needs: the prediction, and the check against what this machine has.
+
+`rlhf budget` plans a merge with these same functions, from shapes instead of a checkpoint."""
 
 from __future__ import annotations
 
@@ -14,21 +16,40 @@ from rlhf.merge.io import TensorEntry, group_by_file, output_dtype
 from rlhf.units import format_bytes
 
 
-def predict_peak_ram(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype, adapter_bytes: int) -> int:
-    """This process now, plus the adapter twice (ours and peft's copy), plus the largest one-tensor working set.
+def working_set_bytes(numel: int, in_bytes: int, out_bytes: int, *, merged: bool, cast: bool) -> int:
+    """The bytes one tensor needs while the stream handles it.
 
-    A LoRA target holds the base tensor, two fp32 tensors and the output (merge_lora_weight): 12 bytes an element
-    for an fp16 base. Any other tensor: its input, and its output when the dtype changes.
+    A LoRA target holds the base tensor, two fp32 tensors and the output (`step.merge_lora_weight`): 12 bytes an
+    element for an fp16 base. Any other tensor: its input, and its output when the dtype changes (`cast`).
     """
-    largest = 0
-    for entry in entries:
-        out = entry.numel * output_dtype(entry.dtype, dtype).itemsize
-        if entry.name in plan.targets or entry.name in plan.bias_targets:
-            need = entry.nbytes + 8 * entry.numel + out
-        else:
-            need = entry.nbytes + (out if entry.dtype != output_dtype(entry.dtype, dtype) else 0)
-        largest = max(largest, need)
-    return psutil.Process().memory_info().rss + 2 * adapter_bytes + largest
+    if merged:
+        return numel * (in_bytes + 8 + out_bytes)
+    return numel * (in_bytes + (out_bytes if cast else 0))
+
+
+def peak_ram_parts(process_bytes: int, adapter_bytes: int, largest_working_set: int) -> dict[str, int]:
+    """The merge's peak RAM, part by part: the process before the stream, the adapter twice (ours and peft's copy
+    in `verify.PeftReference`), and the largest one-tensor working set."""
+    return {"process": process_bytes, "adapters": 2 * adapter_bytes, "tensor": largest_working_set}
+
+
+def largest_working_set(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype) -> int:
+    """The largest `working_set_bytes` among the checkpoint's tensors, merged into `dtype`."""
+
+    def need(entry: TensorEntry) -> int:
+        out = output_dtype(entry.dtype, dtype)
+        merged = entry.name in plan.targets or entry.name in plan.bias_targets
+        return working_set_bytes(
+            entry.numel, entry.dtype.itemsize, out.itemsize, merged=merged, cast=out != entry.dtype
+        )
+
+    return max(map(need, entries), default=0)
+
+
+def predict_peak_ram(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype, adapter_bytes: int) -> int:
+    """This process now, plus the adapter twice, plus the largest one-tensor working set (`peak_ram_parts`)."""
+    rss = psutil.Process().memory_info().rss
+    return sum(peak_ram_parts(rss, adapter_bytes, largest_working_set(entries, plan, dtype)).values())
 
 
 def check_fits(
