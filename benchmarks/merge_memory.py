@@ -169,7 +169,7 @@ def table(ckpt: dict, floor: dict, stream: dict, peft: dict, diff: dict) -> str:
     limit = 2 * ckpt["largest_shard"] + ckpt["adapter"] + GiB
     ratio = stream["peak"] / peft["peak"]
     verdict = "met" if stream["peak"] <= limit and ratio <= 1 / 3 else "NOT met"
-    # gpt-neox-20b by the same accounting as rlhf.merge.predict_peak_ram: the floor, the r=16 adapter twice (fp32),
+    # gpt-neox-20b by the same accounting as rlhf.merge.ram.predict_peak_ram: the floor, the r=16 adapter twice (fp32),
     # and 12 bytes an element of its largest LoRA target, query_key_value (3 * 6144 x 6144)
     neox20b = floor["peak"] + 2 * 44 * 16 * (6144 + 3 * 6144) * 4 + 12 * 3 * 6144 * 6144
     return f"""## Merge

@@ -400,7 +400,7 @@ def test_budget_plans_a_merge_by_the_merges_own_formula(models):
     assert est.components["lora"] == 2 * adapter.nbytes
 
 
-def test_parse_size():
+def test_max_shard_size():
     assert merge.max_shard_bytes("2GB") == 2 * 10**9
     assert merge.max_shard_bytes("500 MiB") == 500 * 2**20
     assert merge.max_shard_bytes("1000") == 1000  # a plain number is bytes, as transformers reads max_shard_size

@@ -18,7 +18,7 @@ report.py    the table and verdict, `rlhf budget` (`main`), the pre-flight every
 A step's components sum exactly to its total.
 """
 
-from rlhf.budget.device import CUDA_CONTEXT, GPUS, Device, device_memory, gpu_bytes, ram_device, resolve_device
+from rlhf.budget.device import GPUS, Device, device_memory, gpu_bytes, resolve_device
 from rlhf.budget.fit import Change, Suggestion, apply_changes, auto_fit, suggest
 from rlhf.budget.formulas import (
     TrainSetup,
@@ -29,19 +29,17 @@ from rlhf.budget.formulas import (
     weight_bytes,
 )
 from rlhf.budget.moments import checkpoint_reentrant
-from rlhf.budget.peak import COMPONENTS, STEPS, Estimate, estimate, load_reward_spec
-from rlhf.budget.report import main, preflight, render_table, verdict
-from rlhf.budget.shapes import LinearShape, ModelShape, find_config, model_shape, shipped_config
+from rlhf.budget.peak import COMPONENTS, Estimate, estimate, load_reward_spec
+from rlhf.budget.report import main, preflight, render_table
+from rlhf.budget.shapes import ModelShape, model_shape, shipped_config
 
+# What the commands (cli, sft, ppo) and the tests use; anything else is imported from its module.
 __all__ = [
     "COMPONENTS",
-    "CUDA_CONTEXT",
     "GPUS",
-    "STEPS",
     "Change",
     "Device",
     "Estimate",
-    "LinearShape",
     "ModelShape",
     "Suggestion",
     "TrainSetup",
@@ -50,7 +48,6 @@ __all__ = [
     "checkpoint_reentrant",
     "device_memory",
     "estimate",
-    "find_config",
     "gpu_bytes",
     "layer_saved_per_token",
     "load_reward_spec",
@@ -59,12 +56,10 @@ __all__ = [
     "nf4_bytes",
     "optimizer_bytes",
     "preflight",
-    "ram_device",
     "render_table",
     "resolve_device",
     "shipped_config",
     "suggest",
     "train_activations",
-    "verdict",
     "weight_bytes",
 ]

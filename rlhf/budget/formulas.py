@@ -197,6 +197,11 @@ def inference_fixed(shape: ModelShape, s: TrainSetup) -> int:
     return 0
 
 
+def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, d: int) -> int:
+    """Generation's KV cache: a K and a V per layer, kv head and position (prompt + response), in model.dtype."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * batch * d
+
+
 def chunk_tokens(batch: int, length: int) -> int:
     """Tokens in the largest fp32 chunk `rlhf.ppo.core` cuts logits [batch, length, V] into (by its own `_chunks`)."""
     from rlhf.ppo.core import DEFAULT_CHUNK_TOKENS, _chunks

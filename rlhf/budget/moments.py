@@ -17,6 +17,7 @@ from rlhf.budget.formulas import (
     chunk_tokens,
     inference_fixed,
     inference_per_token,
+    kv_cache_bytes,
     lora_params,
     lora_tensor_sizes,
     optimizer_bytes,
@@ -120,7 +121,7 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
     }
 
     # 1. generation: a rollout batch with its KV cache, one token at a time (prefill: the whole prompt).
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * rollout * d
+    kv = kv_cache_bytes(shape, rollout, seq, d)
     growth = kv // (2 * shape.layers)  # DynamicCache concatenates: one layer's K (or V) exists twice for a moment
     sampling = rollout * V * (d + 3 * 4)  # the last position's logits, in fp32, / temperature, softmax
     prefill = inference_per_token(shape, s) * rollout * prompt + inference_fixed(shape, s)
@@ -177,7 +178,8 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
 
 def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
     """RAM of `rlhf merge` by the merge's own formula (`rlhf.merge.ram`), from shapes instead of the checkpoint: its
-    Linear weights (the largest tensors), the fp32 SFT adapter, and PROCESS_RAM for the process a live merge reads."""
+    Linear weights (the largest tensors), the fp32 SFT adapter, and PROCESS_RAM for the process a live merge reads.
+    Returns (components, the bytes of the merged shards on disk, the settings line)."""
     from rlhf.merge.ram import peak_ram_parts, working_set_bytes
 
     src = DTYPE_BYTES.get(shape.checkpoint_dtype, 4)
