@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf.units import GiB, MiB
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -53,7 +55,6 @@ TINY = {  # the shape of rlhf's fixture:tiny-gpt-neox
     "eos_token_id": 0,
     "torch_dtype": "float32",
 }
-GiB, MiB = 1 << 30, 1 << 20
 
 
 # --- a checkpoint with random weights ---------------------------------------------------------------------------
@@ -62,7 +63,7 @@ GiB, MiB = 1 << 30, 1 << 20
 def config_for(model: str) -> dict:
     if model == "tiny":
         return dict(TINY)
-    from rlhf.budget import find_config
+    from rlhf.budget.shapes import find_config
 
     return json.loads(find_config(model).read_text())
 
@@ -385,7 +386,7 @@ def build_reward(args, policy_device):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from rlhf.budget import shipped_config
+    from rlhf.budget.shapes import shipped_config
 
     raw = json.loads(shipped_config("lvwerra/distilbert-imdb").read_text())
     cfg = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "_name_or_path")})
@@ -408,9 +409,10 @@ def predict(args, model_dir: Path, step: str) -> dict:
     """Per measured phase: the budget's allocated bytes (its total less the overhead) and its reserved bytes (less
     only the CUDA context), taking the largest of the moments the phase spans."""
     from rlhf import budget
+    from rlhf.budget import moments as budget_moments
 
     if args.checkpointing != "modeling":
-        budget.checkpoint_reentrant = lambda: args.checkpointing == "reentrant"
+        budget_moments.checkpoint_reentrant = lambda: args.checkpointing == "reentrant"
     est = budget.estimate(recipe_for(args, model_dir), step, 1 << 50, reward_spec(args), device_kind=args.device)
     phases = {}
     for phase, moments in MOMENTS.items():
@@ -428,7 +430,7 @@ def child(args) -> None:
     import torch
 
     if args.device == "cuda" and args.limit:
-        from rlhf.budget import CUDA_CONTEXT, gpu_bytes
+        from rlhf.budget.device import CUDA_CONTEXT, gpu_bytes
 
         # A card of --limit bytes: its CUDA context comes out of the same memory, outside torch's allocator.
         total = torch.cuda.mem_get_info()[1]

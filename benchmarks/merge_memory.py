@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -22,9 +21,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from rlhf.memory import peak_rss_bytes
+from rlhf.units import GiB
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-GiB = 2**30
 SHARD = "2GB"
 # hidden 2048, 16 layers, 50304-token vocab: 12 * 16 * 2048^2 + 2 * 50304 * 2048 = 1.01 B parameters
 SHAPE = dict(
@@ -35,10 +36,6 @@ SHAPE = dict(
     vocab_size=50304,
     max_position_embeddings=2048,
 )
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # --- the children: each prints one RESULT line ------------------------------------------------------------------
@@ -70,7 +67,7 @@ def imports_only(work: Path) -> dict:
 
     import rlhf.merge  # noqa: F401
 
-    return {"peak": peak_rss(), "seconds": None}
+    return {"peak": peak_rss_bytes(), "seconds": None}
 
 
 def settle() -> None:
@@ -94,7 +91,7 @@ def streaming(work: Path) -> dict:
     start = time.perf_counter()
     result = merge_checkpoint(work / "base", work / "adapter", work / "stream", "float16", SHARD, probe=False)
     return {
-        "peak": peak_rss(),
+        "peak": peak_rss_bytes(),
         "seconds": time.perf_counter() - start,
         "predicted": result.predicted_peak_bytes,
         "max_abs_diff_weights": result.max_abs_diff_weights,
@@ -112,7 +109,7 @@ def peft_merge(work: Path) -> dict:
     model = PeftModel.from_pretrained(model, work / "adapter").merge_and_unload()
     model.save_pretrained(work / "peft", max_shard_size=SHARD)
     durable(work / "peft")
-    return {"peak": peak_rss(), "seconds": time.perf_counter() - start}
+    return {"peak": peak_rss_bytes(), "seconds": time.perf_counter() - start}
 
 
 def compare(work: Path) -> dict:
@@ -172,7 +169,7 @@ def table(ckpt: dict, floor: dict, stream: dict, peft: dict, diff: dict) -> str:
     limit = 2 * ckpt["largest_shard"] + ckpt["adapter"] + GiB
     ratio = stream["peak"] / peft["peak"]
     verdict = "met" if stream["peak"] <= limit and ratio <= 1 / 3 else "NOT met"
-    # gpt-neox-20b by the same accounting as rlhf.merge.predict_peak_ram: the floor, the r=16 adapter twice (fp32),
+    # gpt-neox-20b by the same accounting as rlhf.merge.ram.predict_peak_ram: the floor, the r=16 adapter twice (fp32),
     # and 12 bytes an element of its largest LoRA target, query_key_value (3 * 6144 x 6144)
     neox20b = floor["peak"] + 2 * 44 * 16 * (6144 + 3 * 6144) * 4 + 12 * 3 * 6144 * 6144
     return f"""## Merge

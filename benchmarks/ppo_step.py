@@ -51,9 +51,10 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+from rlhf.units import GiB, MiB
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-GiB, MiB = 2**30, 2**20
 
 DEFAULTS = {
     "batch_size": 16,  # prompts per PPO step

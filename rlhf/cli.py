@@ -295,6 +295,7 @@ def _print_oom_budget(step: str, recipe, gpu: str | None) -> None:
     """The budget table of the failed step; when it predicted a fit, planned against 3/4 of its own prediction, so
     that the table lists the changes that would have made room."""
     from rlhf import budget
+    from rlhf.units import format_bytes
 
     try:
         device = budget.resolve_device(gpu, recipe)
@@ -309,7 +310,7 @@ def _print_oom_budget(step: str, recipe, gpu: str | None) -> None:
                 limit,
                 device_kind=device.kind,
                 device_description=(
-                    f"{budget.format_bytes(limit)}, 3/4 of the predicted peak (the real one was higher: it ran out)"
+                    f"{format_bytes(limit)}, 3/4 of the predicted peak (the real one was higher: it ran out)"
                 ),
             )
     except UserError:

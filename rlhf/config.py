@@ -93,9 +93,7 @@ class GenerationConfig(Section):
     def _lengths(self) -> GenerationConfig:
         problems = []
         if self.min_new_tokens > self.max_new_tokens:
-            problems.append(
-                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
-            )
+            problems.append(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
         if self.top_k != 0 or self.top_p != 1.0:
             problems.append(
                 f"top_k ({self.top_k}) must be 0 and top_p ({self.top_p}) 1.0: RL scores each sample under the "

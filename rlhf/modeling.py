@@ -15,14 +15,13 @@ import torch
 from torch import nn
 
 from rlhf.config import LoraConfig, ModelConfig
+from rlhf.dtypes import torch_dtype
 from rlhf.errors import UserError
 
 # bitsandbytes warns on every CPU matmul that fp32 inputs are cast to fp16 for quantization; that is how LLM.int8
 # works, not a problem, and thousands of identical lines hide the ones that matter.
 warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # Reentrant checkpointing: bitsandbytes keeps each int8 matmul's input on its autograd ctx rather than through
 # save_for_backward, which non-reentrant checkpointing cannot drop, so every layer's input would stay alive
@@ -59,7 +58,7 @@ def quantization_config(cfg: ModelConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
+        bnb_4bit_compute_dtype=torch_dtype(cfg.dtype),
     )
 
 
@@ -89,7 +88,7 @@ def load_base(cfg: ModelConfig, path: Path | str, quantization: str | None = Non
         kwargs = {"quantization_config": qconfig, "device_map": {"": device()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
+            str(path), dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, **kwargs
         )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from rlhf import budget
-from rlhf.budget import GiB, MiB
+from rlhf.budget import moments, peak
 from rlhf.config import (
     BudgetConfig,
     GenerationConfig,
@@ -24,6 +24,7 @@ from rlhf.config import (
     load_recipe,
 )
 from rlhf.errors import DoesNotFit, UserError
+from rlhf.units import GiB, MiB
 
 NEOX_20B = 20_554_567_680
 CONTEXT = 500 * MiB  # budget.CUDA_CONTEXT
@@ -183,7 +184,7 @@ def test_activations_by_hand(small_dir):
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_sft_components_by_hand(small_dir, reentrant, monkeypatch):
-    monkeypatch.setattr(budget, "checkpoint_reentrant", lambda: reentrant)
+    monkeypatch.setattr(moments, "checkpoint_reentrant", lambda: reentrant)
     est = budget.estimate(small_recipe(small_dir), "sft", 24 * GiB)
     lora = 2 * 8 * (64 + 192)  # r x (in + out) on query_key_value, 2 layers
     logits = 12 * 2 * 32 * 1000  # fp32 upcast + fp32 log-softmax + fp32 gradient, B x T x V
@@ -285,6 +286,8 @@ def test_gpu_names_and_sizes():
     assert budget.gpu_bytes("RTX4090") == budget.GPUS["rtx4090"]
     with pytest.raises(UserError, match="rtx4090.*a100-80.*24GiB"):
         budget.gpu_bytes("big")
+    with pytest.raises(UserError, match="'24'"):  # a forgotten unit, not a card of 24 bytes
+        budget.gpu_bytes("24")
 
 
 def test_device_precedence(neox20b, monkeypatch):
@@ -326,14 +329,14 @@ def test_gpt_neox_20b_fits_24gib(neox20b, step):
 
 @pytest.mark.parametrize("step", ["sft", "ppo"])
 def test_gpt_neox_20b_fits_24gib_with_reentrant_checkpointing(neox20b, step, monkeypatch):
-    monkeypatch.setattr(budget, "checkpoint_reentrant", lambda: True)
+    monkeypatch.setattr(moments, "checkpoint_reentrant", lambda: True)
     check_fits_24gib(neox20b, step)
 
 
 def test_nonreentrant_checkpointing_keeps_the_int8_inputs(neox20b, monkeypatch):
-    monkeypatch.setattr(budget, "checkpoint_reentrant", lambda: True)
+    monkeypatch.setattr(moments, "checkpoint_reentrant", lambda: True)
     freed = budget.estimate(neox20b, "sft", 24 * GiB)
-    monkeypatch.setattr(budget, "checkpoint_reentrant", lambda: False)
+    monkeypatch.setattr(moments, "checkpoint_reentrant", lambda: False)
     kept = budget.estimate(neox20b, "sft", 24 * GiB)
     int8_inputs = 44 * 2 * (3 * 6144 + 24576) * 1024  # layers x fp16 x (ln1, context, ln2, GELU out) x tokens
     assert kept.components["activations"] - freed.components["activations"] == int8_inputs
@@ -376,7 +379,7 @@ def test_gpt_neox_20b_ppo_at_12gib_ranks_reestimated_suggestions(neox20b):
 def test_gpt_neox_20b_merge_is_ram_and_disk(neox20b):
     est = budget.estimate(neox20b, "merge", 64 * GiB, disk_path=".")
     assert est.disk_bytes == 2 * NEOX_20B  # fp16 shards
-    assert est.components["weights"] == 13 * 6144 * 18432  # fp16 qkv + two fp32 scratch + fp16 out + bool mask
+    assert est.components["weights"] == 12 * 6144 * 18432  # fp16 qkv + two fp32 scratch + fp16 out
     assert est.fits == (est.disk_free >= est.disk_bytes)
 
 
@@ -415,7 +418,7 @@ def test_auto_fit_keeps_the_effective_batch(small_dir, monkeypatch):
     fitted = budget.auto_fit(recipe, "sft", f"{small}B")
     assert (fitted.sft.batch_size, fitted.sft.gradient_accumulation_steps) == (4, 2)
 
-    monkeypatch.setattr(budget, "load_reward_spec", lambda name: CPU_REWARD)
+    monkeypatch.setattr(peak, "load_reward_spec", lambda name: CPU_REWARD)
     fitted = budget.auto_fit(recipe, "ppo", "1TiB")
     assert fitted.ppo.mini_batch_size == recipe.ppo.mini_batch_size
     assert fitted.ppo.gradient_accumulation_steps == 1  # micro-batch = the whole mini-batch when it fits

@@ -13,6 +13,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -31,9 +32,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf import merge
+from rlhf import budget, merge
+from rlhf.config import LoraConfig as RecipeLora
 from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import DoesNotFit, UserError
+from rlhf.merge import adapters as merge_adapters
+from rlhf.merge.adapters import plan_merge, read_adapter
+from rlhf.merge.io import checkpoint_entries
+from rlhf.merge.ram import largest_working_set
 from rlhf.runs import Run
 
 LOGITS_ATOL = 1e-2
@@ -354,8 +360,8 @@ def test_dora_adapter_is_refused(models, tmp_path):
 
 def test_a_wrong_merge_fails_the_check_and_leaves_nothing(models, tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", models["neox"], models["adapter"])
-    real = merge.lora_scaling
-    monkeypatch.setattr(merge, "lora_scaling", lambda config, module, rank: real(config, module, rank) * 1.01)
+    real = merge_adapters.lora_scaling
+    monkeypatch.setattr(merge_adapters, "lora_scaling", lambda config, module, rank: real(config, module, rank) * 1.01)
     with pytest.raises(merge.MergeCheckFailed, match="query_key_value"):
         merge.run(str(run.root))
     assert not run.merged.exists() and not list(run.root.glob(".merged*"))
@@ -373,7 +379,7 @@ def test_not_enough_ram_is_refused_unless_forced(models, tmp_path, monkeypatch):
     class Tiny:
         available = 1024
 
-    monkeypatch.setattr(merge.psutil, "virtual_memory", lambda: Tiny())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     with pytest.raises(DoesNotFit, match="RAM"):
         merge.merge_checkpoint(models["neox"], models["adapter"], tmp_path / "merged", progress=False)
     result = merge.merge_checkpoint(models["neox"], models["adapter"], tmp_path / "merged", force=True)
@@ -381,8 +387,22 @@ def test_not_enough_ram_is_refused_unless_forced(models, tmp_path, monkeypatch):
     assert result.max_abs_diff_weights > 0
 
 
-def test_parse_size():
-    assert merge.parse_size("2GB") == 2 * 10**9
-    assert merge.parse_size("500 MiB") == 500 * 2**20
+def test_budget_plans_a_merge_by_the_merges_own_formula(models):
+    """`rlhf budget` sizes a merge from shapes with the merge's own RAM formula: the same largest tensor, the same
+    adapter bytes as the merge computes from the checkpoint."""
+    recipe = Recipe(model=ModelConfig(name=str(models["neox"]), quantization="none"), lora=RecipeLora(rank=4))
+    est = budget.estimate(recipe, "merge", 1 << 40)
+    entries = checkpoint_entries(models["neox"])
+    adapter = read_adapter(models["adapter"])
+    plan = plan_merge(entries, adapter, json.loads((models["neox"] / "config.json").read_text()))
+    qkv = 96 * 32 * (4 + 8 + 2)  # fp32 base, two fp32 tensors, fp16 output: nothing else
+    assert est.components["weights"] == largest_working_set(entries, plan, torch.float16) == qkv
+    assert est.components["lora"] == 2 * adapter.nbytes
+
+
+def test_max_shard_size():
+    assert merge.max_shard_bytes("2GB") == 2 * 10**9
+    assert merge.max_shard_bytes("500 MiB") == 500 * 2**20
+    assert merge.max_shard_bytes("1000") == 1000  # a plain number is bytes, as transformers reads max_shard_size
     with pytest.raises(UserError, match="max_shard_size"):
-        merge.parse_size("big")
+        merge.max_shard_bytes("big")

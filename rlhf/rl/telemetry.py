@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rlhf.io import append_jsonl
-from rlhf.units import peak_rss_bytes
+from rlhf.memory import peak_rss_bytes
 
 
 def peak_memory_bytes() -> int:

@@ -1,0 +1,203 @@
+"""Each step's moments and what the device holds at each, component by component (overhead aside: see peak.py).
+
+sft:   loss (the fp32 logits)        backward (one layer recomputed, its gradients)
+ppo:   generation (KV cache)         scoring (policy + reference)     reward     update (loss)     update (backward)
+merge: one moment, on the CPU: the largest tensor's working set, the adapter twice, this process
+
+The moments do not all coexist: PPO's KV cache is freed before the update's activations are made; SFT's fp32 logits
+are freed before the backward pass reaches the layers. The estimate takes the largest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf.budget.formulas import (
+    TrainSetup,
+    chunk_tokens,
+    inference_fixed,
+    inference_per_token,
+    kv_cache_bytes,
+    lora_params,
+    lora_tensor_sizes,
+    optimizer_bytes,
+    reward_bytes,
+    train_activations,
+    weight_bytes,
+)
+from rlhf.budget.shapes import ModelShape
+from rlhf.config import Recipe
+from rlhf.dtypes import DTYPE_BYTES
+from rlhf.units import MiB, format_bytes
+
+PROCESS_RAM = 512 * MiB  # Python + torch + transformers, for a planned merge (a live one reads its own RSS)
+
+
+def checkpoint_reentrant() -> bool:
+    """Whether rlhf's gradient checkpointing is reentrant: what `modeling.CHECKPOINT_KWARGS` passes to
+    gradient_checkpointing_enable (transformers' default is reentrant)."""
+    from rlhf import modeling
+
+    return bool(modeling.CHECKPOINT_KWARGS.get("use_reentrant", True))
+
+
+def _lora_setup(recipe: Recipe, step: str, device_kind: str) -> TrainSetup:
+    lora = recipe.ppo.lora if step == "ppo" else recipe.lora
+    return TrainSetup(
+        quantization=recipe.model.quantization,
+        d=DTYPE_BYTES[recipe.model.dtype],
+        lora_rank=lora.rank,
+        lora_targets=tuple(lora.target_modules),
+        lora_dropout=lora.dropout,
+        device_kind=device_kind,
+        reentrant=checkpoint_reentrant(),
+    )
+
+
+def _int8_kept_note(shape: ModelShape, s: TrainSetup, tokens: int, checkpointing: bool) -> list[str]:
+    if not (checkpointing and s.quantization == "8bit" and not s.reentrant):
+        return []
+    kept = shape.layers * s.d * (3 * shape.hidden + shape.intermediate) * tokens
+    return [
+        f"activations include {format_bytes(kept)} of LLM.int8 matmul inputs that non-reentrant gradient "
+        f"checkpointing keeps for every layer (use_reentrant=True in rlhf.modeling would free them)"
+    ]
+
+
+def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[dict, str, list[str]]:
+    """({moment: {component: bytes}}, the settings line, notes) of `rlhf sft`: a micro-batch at the loss and in the
+    backward pass."""
+    cfg = recipe.sft
+    s = _lora_setup(recipe, "sft", device_kind)
+    n_lora = lora_params(shape, s.lora_rank, list(s.lora_targets))
+    resident = {
+        "weights": weight_bytes(shape, s.quantization, s.d),
+        "lora": 4 * n_lora,
+        "gradients": 4 * n_lora,  # kept across gradient-accumulation micro-batches
+        "optimizer": optimizer_bytes(
+            lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)), cfg.optimizer == "adamw_8bit"
+        ),
+    }
+    at_loss, at_backward = train_activations(shape, s, cfg.batch_size, cfg.block_size, cfg.gradient_checkpointing)
+    logits = 12 * cfg.batch_size * cfg.block_size * shape.vocab  # fp32 upcast + fp32 log-softmax + fp32 gradient
+    moments = {
+        "loss (fp32 logits)": {**resident, "activations": at_loss, "logits": logits},
+        "backward (one layer)": {**resident, "activations": at_backward},
+    }
+    settings = (
+        f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
+        f"micro-batch {cfg.batch_size} x {cfg.block_size} tokens; gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
+    )
+    notes = _int8_kept_note(shape, s, cfg.batch_size * cfg.block_size, cfg.gradient_checkpointing)
+    return moments, settings, notes
+
+
+def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
+    """({moment: {component: bytes}}, the settings line, notes) of `rlhf ppo`, moment by moment as a PPO step runs;
+    `spec` is the reward model's (`peak.load_reward_spec`)."""
+    cfg, gen = recipe.ppo, recipe.ppo.generation
+    s = _lora_setup(recipe, "ppo", device_kind)
+    d, V, h = s.d, shape.vocab, shape.hidden
+    prompt, response = cfg.prompt_max_tokens, gen.max_new_tokens
+    seq = prompt + response
+    rollout = min(cfg.rollout_batch_size, cfg.batch_size)
+    micro = max(1, cfg.mini_batch_size // cfg.gradient_accumulation_steps)
+    notes = _int8_kept_note(shape, s, micro * seq, cfg.gradient_checkpointing)
+
+    n_lora = lora_params(shape, s.lora_rank, list(s.lora_targets))
+    value_params = h + 1
+    trainable_sizes = lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)) + [h, 1]
+    on_device = device_kind == "cpu" or spec.get("device", "auto") != "cpu"
+    where = "the GPU" if device_kind == "cuda" else "the CPU, in the same RAM"
+    reward_weights, reward_act, reward_note = reward_bytes(spec, seq, on_device, where)
+    notes.append(f"reward model: {reward_note}" + (" (spec not found: assumed)" if spec.get("assumed") else ""))
+    resident = {
+        "weights": weight_bytes(shape, s.quantization, d),  # one copy: the reference is the adapter switched off
+        "lora": 4 * n_lora,
+        "optimizer": optimizer_bytes(trainable_sizes, cfg.optimizer == "adam_8bit"),
+        "value_head": 4 * value_params,
+        "reward_model": reward_weights,
+    }
+
+    # 1. generation: a rollout batch with its KV cache, one token at a time (prefill: the whole prompt).
+    kv = kv_cache_bytes(shape, rollout, seq, d)
+    growth = kv // (2 * shape.layers)  # DynamicCache concatenates: one layer's K (or V) exists twice for a moment
+    sampling = rollout * V * (d + 3 * 4)  # the last position's logits, in fp32, / temperature, softmax
+    prefill = inference_per_token(shape, s) * rollout * prompt + inference_fixed(shape, s)
+    generation = {**resident, "kv_cache": kv, "activations": prefill + growth, "logits": sampling}
+
+    # 2. scoring: policy (values, entropy) then reference, no grad, on a rollout batch; logits of responses only.
+    kept = response + 1  # logits_to_keep = response + 1
+    chunk = chunk_tokens(rollout, response)
+    scoring = {
+        **resident,
+        "activations": inference_per_token(shape, s) * rollout * seq + inference_fixed(shape, s),
+        "logits": rollout * kept * V * d + 5 * 4 * chunk * V,  # + entropy's fp32 chunk: float, log_softmax, exp, ...
+        # the last hidden state (a view that keeps the final norm's whole output) and the head's fp32 copy
+        "value_head": resident["value_head"] + rollout * seq * h * d + 4 * rollout * response * h,
+    }
+
+    # 3. reward: the classifier on decoded texts.
+    reward = {**resident, "reward_model": reward_weights + reward_act}
+
+    # 4. update: micro-batches of `micro` sequences, with grad (checkpointing as the recipe says).
+    at_loss, at_backward = train_activations(shape, s, micro, seq, cfg.gradient_checkpointing)
+    chunk = chunk_tokens(micro, response)
+    grads = 4 * (n_lora + value_params)
+    head = resident["value_head"] + micro * seq * h * d + 4 * micro * response * h  # hidden kept, fp32 copy saved
+    update_logits = micro * kept * V * d
+    update_loss = {
+        **resident,
+        "gradients": grads,
+        "activations": at_loss,
+        "value_head": head,
+        "logits": update_logits + 2 * 4 * chunk * V,
+    }
+    update_backward = {
+        **resident,
+        "gradients": grads,
+        "activations": at_backward,
+        "value_head": head,
+        "logits": 2 * update_logits + 4 * 4 * chunk * V,  # logits kept for backward, their gradient, fp32 chunks
+    }
+    moments = {
+        "generation (KV cache)": generation,
+        "scoring (policy + reference)": scoring,
+        "reward": reward,
+        "update (loss)": update_loss,
+        "update (backward)": update_backward,
+    }
+    settings = (
+        f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
+        f"rollout {rollout} x ({prompt} + {response}) tokens; micro-batch {micro} (mini-batch {cfg.mini_batch_size}); "
+        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
+    )
+    return moments, settings, notes
+
+
+def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
+    """RAM of `rlhf merge` by the merge's own formula (`rlhf.merge.ram`), from shapes instead of the checkpoint: its
+    Linear weights (the largest tensors), the fp32 SFT adapter, and PROCESS_RAM for the process a live merge reads.
+    Returns (components, the bytes of the merged shards on disk, the settings line)."""
+    from rlhf.merge.ram import peak_ram_parts, working_set_bytes
+
+    src = DTYPE_BYTES.get(shape.checkpoint_dtype, 4)
+    out = DTYPE_BYTES[recipe.merge.dtype]
+    cast = shape.checkpoint_dtype != recipe.merge.dtype
+    targets = set(recipe.lora.target_modules)
+    largest = max(
+        (
+            working_set_bytes(lin.in_features * lin.out_features, src, out, merged=lin.name in targets, cast=cast)
+            for lin in shape.linears
+        ),
+        default=0,
+    )
+    adapter = 4 * lora_params(shape, recipe.lora.rank, list(recipe.lora.target_modules))
+    ram = peak_ram_parts(PROCESS_RAM, adapter, largest)
+    parts = {"weights": ram["tensor"], "lora": ram["adapters"], "overhead": ram["process"]}
+    disk = out * shape.params  # non-persistent buffers (rotary frequencies) are not saved
+    settings = (
+        f"streamed on the CPU, one tensor at a time, to {recipe.merge.dtype} shards of {recipe.merge.max_shard_size}"
+    )
+    return parts, disk, settings

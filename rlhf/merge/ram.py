@@ -1,0 +1,77 @@
+"""The RAM and disk a merge needs: the prediction, and the check against what this machine has.
+
+`rlhf budget` plans a merge with these same functions, from shapes instead of a checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import psutil
+import torch
+
+from rlhf.errors import DoesNotFit
+from rlhf.merge.adapters import MergePlan
+from rlhf.merge.io import TensorEntry, group_by_file, output_dtype
+from rlhf.units import format_bytes
+
+
+def working_set_bytes(numel: int, in_bytes: int, out_bytes: int, *, merged: bool, cast: bool) -> int:
+    """The bytes one tensor needs while the stream handles it.
+
+    A LoRA target holds the base tensor, two fp32 tensors and the output (`step.merge_lora_weight`): 12 bytes an
+    element for an fp16 base. Any other tensor: its input, and its output when the dtype changes (`cast`).
+    """
+    if merged:
+        return numel * (in_bytes + 8 + out_bytes)
+    return numel * (in_bytes + (out_bytes if cast else 0))
+
+
+def peak_ram_parts(process_bytes: int, adapter_bytes: int, largest_working_set: int) -> dict[str, int]:
+    """The merge's peak RAM, part by part: the process before the stream, the adapter twice (ours and peft's copy
+    in `verify.PeftReference`), and the largest one-tensor working set."""
+    return {"process": process_bytes, "adapters": 2 * adapter_bytes, "tensor": largest_working_set}
+
+
+def largest_working_set(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype) -> int:
+    """The largest `working_set_bytes` among the checkpoint's tensors, merged into `dtype`."""
+
+    def need(entry: TensorEntry) -> int:
+        out = output_dtype(entry.dtype, dtype)
+        merged = entry.name in plan.targets or entry.name in plan.bias_targets
+        return working_set_bytes(
+            entry.numel, entry.dtype.itemsize, out.itemsize, merged=merged, cast=out != entry.dtype
+        )
+
+    return max(map(need, entries), default=0)
+
+
+def predict_peak_ram(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype, adapter_bytes: int) -> int:
+    """This process now, plus the adapter twice, plus the largest one-tensor working set (`peak_ram_parts`)."""
+    rss = psutil.Process().memory_info().rss
+    return sum(peak_ram_parts(rss, adapter_bytes, largest_working_set(entries, plan, dtype)).values())
+
+
+def check_fits(
+    predicted: int, out_bytes: int, out_dir: Path, entries: list[TensorEntry], adapter_bytes: int, force: bool
+) -> None:
+    """Print the RAM and disk the merge needs; raise DoesNotFit when this machine lacks them (unless force)."""
+    now = psutil.Process().memory_info().rss
+    available = psutil.virtual_memory().available
+    existing = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    free_disk = shutil.disk_usage(existing).free
+    largest_shard = max(sum(e.nbytes for e in group) for group in group_by_file(entries).values())
+    report = (
+        f"  RAM:  predicted peak {format_bytes(predicted)} (this process {format_bytes(now)}, "
+        f"adapter {format_bytes(adapter_bytes)}, one tensor at a time; largest input shard "
+        f"{format_bytes(largest_shard)}); available {format_bytes(available)}\n"
+        f"  disk: {format_bytes(out_bytes)} for the merged shards in {out_dir.parent}; free {format_bytes(free_disk)}"
+    )
+    print(report, flush=True)
+    problems = []
+    if predicted - now > available:
+        problems.append(f"about {format_bytes(predicted - now)} more RAM than the {format_bytes(available)} available")
+    if out_bytes > free_disk:
+        problems.append(f"{format_bytes(out_bytes)} of disk but {out_dir.parent} has {format_bytes(free_disk)} free")
+    if problems and not force:
+        raise DoesNotFit(f"the merge needs {' and '.join(problems)}; free some, or pass --force to try anyway", report)
