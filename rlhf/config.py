@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.errors import UserError
 
@@ -37,9 +37,26 @@ class LoraConfig(Section):
     rank: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["query_key_value"], min_length=1)
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto",
+        description="auto: the model family's default (rlhf.targets); all-linear: every linear layer but the output "
+        "head; or a list of layer names",
+    )
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        """A keyword, or layer names; `lora.target_modules=q_proj,v_proj` on the command line arrives as one string."""
+        if isinstance(value, str) and value.strip().lower() in ("auto", "all-linear"):
+            return value.strip().lower()
+        names = value.split(",") if isinstance(value, str) else value
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            names = [n.strip() for n in names if n.strip()]
+            if names:
+                return names
+        raise ValueError(f"must be auto, all-linear or a list of layer names such as [q_proj, v_proj], not {value!r}")
 
 
 class DataConfig(Section):

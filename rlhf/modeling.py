@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf import targets
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.dtypes import torch_dtype
 from rlhf.errors import UserError
@@ -130,49 +131,52 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
 
 
 def linear_layer_names(model) -> list[str]:
-    """Short names of the linear layers LoRA can target (quantized ones included)."""
+    """Short names of the linear layers LoRA can target (quantized ones included), the output head left out."""
+    output = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ in {"Linear8bitLt", "Linear4bit"}:
-            short = name.split(".")[-1]
-            if short not in {"lm_head", "embed_out"}:
-                names.add(short)
+        if module is not output and (
+            isinstance(module, nn.Linear) or type(module).__name__ in {"Linear8bitLt", "Linear4bit"}
+        ):
+            names.add(name.split(".")[-1])
     return sorted(names)
 
 
-def lora_config(cfg: LoraConfig):
+def resolve_targets(model, cfg: LoraConfig) -> list[str]:
+    """The short names of the layers `cfg.target_modules` adapts in this model; an unknown name is a UserError that
+    lists the model's linear layers."""
+    return targets.resolve_targets(cfg.target_modules, model.config.model_type, linear_layer_names(model))
+
+
+def lora_config(cfg: LoraConfig, target_modules: list[str]):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=target_modules,
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
         task_type="CAUSAL_LM",
     )
 
 
-def check_targets(model, cfg: LoraConfig) -> None:
-    available = linear_layer_names(model)
-    missing = [t for t in cfg.target_modules if t not in available]
-    if missing:
-        raise UserError(
-            f"lora.target_modules {missing} are not layers of this model; its linear layers are: {', '.join(available)}"
-        )
-
-
 def add_lora(model, cfg: LoraConfig, adapter_name: str = "default"):
     """Wrap the frozen base with a trainable LoRA adapter; adapter weights are fp32 (fp16 ones go NaN in PPO)."""
     from peft import get_peft_model
 
-    check_targets(model, cfg)
-    peft_model = get_peft_model(model, lora_config(cfg), adapter_name=adapter_name, autocast_adapter_dtype=True)
+    config = lora_config(cfg, resolve_targets(model, cfg))
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True)
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
     return peft_model
+
+
+def adapter_targets(peft_model, adapter_name: str = "default") -> list[str]:
+    """The short names of the layers an adapter of this PEFT model adapts, as peft recorded them."""
+    return sorted(peft_model.peft_config[adapter_name].target_modules)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -186,12 +186,21 @@ def _recipe_section(run: Run) -> tuple[list[str], Recipe | None]:
     return [
         f"- recipe: **{recipe.name}**" + (f" — {recipe.description}" if recipe.description else ""),
         f"- model: `{recipe.model.name}` ({recipe.model.quantization}); SFT LoRA r={recipe.lora.rank}, "
-        f"alpha={recipe.lora.alpha:g} on {', '.join(recipe.lora.target_modules)}",
+        f"alpha={recipe.lora.alpha:g} on {_sft_targets(run, recipe)}",
         f"- data: `{recipe.data.dataset}` (train split `{recipe.data.train_split}`, "
         f"held-out split `{recipe.data.eval_split}`)",
         f"- reward: `{recipe.reward.name}`; PPO batch {ppo.batch_size}, mini-batch {ppo.mini_batch_size}, "
         f"{ppo.ppo_epochs} PPO epochs, learning rate {ppo.learning_rate:g}, {kl}",
     ], recipe
+
+
+def _sft_targets(run: Run, recipe: Recipe) -> str:
+    """The layers the SFT adapter adapts, as peft saved them; the recipe's setting when there is no adapter yet."""
+    saved = (_read_json(run.sft_adapter / "adapter_config.json") or {}).get("target_modules")
+    if isinstance(saved, list):
+        return ", ".join(sorted(saved))
+    chosen = recipe.lora.target_modules
+    return chosen if isinstance(chosen, str) else ", ".join(chosen)
 
 
 def _eval_section(ev: dict | None) -> list[str]:

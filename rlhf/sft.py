@@ -189,13 +189,14 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     base = modeling.load_base(recipe.model, model_dir)
     modeling.prepare_for_training(base, recipe.sft.gradient_checkpointing)
     model = modeling.add_lora(base, recipe.lora)
+    targets = modeling.adapter_targets(model)
     # Only now, with the model, data and adapter known to work, does the run directory change.
     start_run(run, recipe, resume, force)
     trainable, total = modeling.count_parameters(model)
     if is_main_process():
         print(
             f"sft: {recipe.model.name} ({recipe.model.quantization}), LoRA r={recipe.lora.rank} on "
-            f"{','.join(recipe.lora.target_modules)}: {trainable:,} trainable of {total:,} parameters; "
+            f"{','.join(targets)}: {trainable:,} trainable of {total:,} parameters; "
             f"{len(blocks)} blocks of {recipe.sft.block_size} tokens from {blocks.n_documents} documents",
             file=sys.stderr,
         )
@@ -224,7 +225,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     if trainer.is_world_process_zero():
         with atomic_dir(adapter_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-            atomic_write_text(tmp / "README.md", _adapter_card(recipe, output.global_step))
+            atomic_write_text(tmp / "README.md", _adapter_card(recipe, targets, output.global_step))
     rows = read_jsonl(metrics_path)
     final_loss = rows[-1]["loss"] if rows else float(output.training_loss)
     if not math.isfinite(final_loss):
@@ -246,13 +247,13 @@ def _trim_metrics(path: Path, checkpoint: str | None) -> None:
     trim_jsonl(path, int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0)
 
 
-def _adapter_card(recipe: Recipe, steps: int) -> str:
+def _adapter_card(recipe: Recipe, targets: list[str], steps: int) -> str:
     return (
         f"# LoRA adapter (rlhf sft)\n\n"
         f"- base model: {recipe.model.name} ({recipe.model.quantization})\n"
         f"- data: {recipe.data.dataset} [{recipe.data.train_split}], column `{recipe.data.text_column}`\n"
         f"- LoRA: r={recipe.lora.rank}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}, "
-        f"targets {', '.join(recipe.lora.target_modules)}\n"
+        f"targets {', '.join(targets)}\n"
         f"- steps: {steps}, block size {recipe.sft.block_size}, learning rate {recipe.sft.learning_rate}\n"
         f"- date: {time.strftime('%Y-%m-%d')}\n\n"
         f"Load with `PeftModel.from_pretrained(base, this_dir)`; merge with `rlhf merge`.\n"

@@ -1,10 +1,11 @@
-"""Every shipped recipe and reward spec loads and validates; recipe errors name the key and what is allowed."""
+"""Every shipped recipe, reward spec and model config loads and validates; recipe errors name the key and what is
+allowed."""
 
 from __future__ import annotations
 
 import pytest
 
-from rlhf.config import available_recipes, load_recipe, recipes_dir
+from rlhf.config import PACKAGE_DIR, available_recipes, load_recipe, recipes_dir
 from rlhf.errors import UserError
 from rlhf.rewards import load_spec
 
@@ -27,6 +28,42 @@ def test_all_recipes_shipped():
 def test_shipped_reward_specs_load(name):
     spec = load_spec(name)
     assert spec.label == "POSITIVE" and spec.score == "logit"
+
+
+# Published parameter counts (model cards, the Pythia paper); tied input/output embeddings count once.
+PUBLISHED_PARAMETERS = {
+    "EleutherAI/gpt-neox-20b": 20_554_567_680,
+    "EleutherAI/pythia-12b": 11_846_072_320,
+    "EleutherAI/pythia-1.4b": 1_414_647_808,
+    "EleutherAI/pythia-160m": 162_322_944,
+    "meta-llama/Llama-3.1-8B": 8_030_261_248,
+    "meta-llama/Llama-3.2-3B": 3_212_749_824,
+    "Qwen/Qwen2.5-7B": 7_615_616_512,
+    "Qwen/Qwen2.5-14B": 14_770_033_664,
+    "mistralai/Mistral-7B-v0.3": 7_248_023_552,
+    "google/gemma-2-9b": 9_241_705_984,
+    "microsoft/phi-4": 14_659_507_200,
+}
+
+
+def test_shipped_model_configs_give_published_parameter_counts():
+    """Each shipped causal-LM config.json builds, on the meta device, a model of exactly the published size: the shapes
+    the budget reads are the real ones. (accelerate's init_empty_weights leaves tied embeddings untied in transformers
+    5 and would count Gemma's and Llama-3.2's twice; the budget, like this test, builds on torch's meta device.)"""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = PACKAGE_DIR / "model_configs"
+    shipped = {
+        str(p.parent.relative_to(root))
+        for p in root.glob("*/*/config.json")
+        if "ForCausalLM" in AutoConfig.from_pretrained(p.parent).architectures[0]
+    }
+    assert shipped == set(PUBLISHED_PARAMETERS), "a shipped model config needs its published parameter count here"
+    for name, published in PUBLISHED_PARAMETERS.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root / name))
+        assert sum(p.numel() for p in model.parameters()) == published, name
 
 
 def test_reference_hyperparameters():

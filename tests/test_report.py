@@ -169,6 +169,17 @@ def test_one_ppo_step_and_a_damaged_recipe_still_give_a_report(tmp_path):
     assert "_Not drawn: no SFT metrics" in text
 
 
+def test_recipe_line_names_the_adapted_layers(tmp_path):
+    """The SFT LoRA targets as the adapter recorded them (what `auto` chose), the recipe's word before there is one."""
+    run = Run(tmp_path / "auto")
+    run.write_recipe(load_recipe("quickstart", ["lora.target_modules=auto"]))
+    assert "alpha=32 on auto\n" in write_report(run).read_text()
+
+    run.sft_adapter.mkdir(parents=True)
+    (run.sft_adapter / "adapter_config.json").write_text('{"target_modules": ["v_proj", "q_proj"]}')
+    assert "alpha=32 on q_proj, v_proj\n" in write_report(run).read_text()
+
+
 def test_md_cell_keeps_one_row():
     assert md_cell("a|b\nc\r\nd") == "a\\|b<br>c<br>d"
     assert md_cell("<eos>") == "&lt;eos&gt;"

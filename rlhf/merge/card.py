@@ -12,7 +12,7 @@ def model_card(record: dict[str, Any], adapter_config: dict[str, Any], tolerance
         adapters += f" combined by peft ({record['method']}, weights {record['weights']})"
     revision = f" @ {record['revision']}" if record.get("revision") else ""
     targets = adapter_config.get("target_modules")
-    targets = ", ".join(targets) if isinstance(targets, list) else targets
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     logits = record["max_abs_diff_logits"]
     logits = f"{logits:.3g} (tolerance {tolerance:g})" if logits is not None else "not run (model too large for RAM)"
     rows = [
