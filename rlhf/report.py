@@ -1,8 +1,9 @@
 """`rlhf report`: RUN/report.md and its plots, from what the steps left in the run directory.
 
-Reads recipe.yaml, sft/metrics.jsonl, ppo/metrics.jsonl and ppo/eval.json; whatever is missing (a run that has only
-done SFT) is skipped and the report says so. Writes sft_loss.png, ppo_reward.png, ppo_kl.png beside report.md, each
-file atomically, so a reader never sees half a report.
+Reads recipe.yaml, sft/metrics.jsonl, and metrics.jsonl and eval.json of ppo/ and of grpo/ (the critic-free step, same
+keys) when the run has them; whatever is missing (a run that has only done SFT) is skipped and the report says so.
+Writes sft_loss.png, ppo_reward.png, ppo_kl.png (grpo_*.png for GRPO) beside report.md, each file atomically, so a
+reader never sees half a report.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import Recipe
+from rlhf.diversity import collapse_warning
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from rlhf.runs import Run
@@ -21,6 +23,8 @@ from rlhf.runs import Run
 FIGSIZE = (7.0, 4.0)
 DPI = 110
 MAX_CELL_CHARS = 400
+# Steps that tune the policy after merge; each leaves metrics.jsonl and eval.json (same keys) in its directory.
+POLICY_STEPS = {"ppo": "PPO", "grpo": "GRPO"}
 
 
 # --- plots ------------------------------------------------------------------------------------------------------
@@ -79,7 +83,7 @@ def plot_sft_loss(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_ppo_reward(rows: list[dict], path: Path, reward_name: str = "reward model") -> bool:
+def plot_reward(rows: list[dict], path: Path, reward_name: str = "reward model", label: str = "PPO") -> bool:
     rows = [r for r in rows if isinstance(r.get("reward_mean"), (int, float)) and "step" in r]
     if not rows:
         return False
@@ -90,7 +94,7 @@ def plot_ppo_reward(rows: list[dict], path: Path, reward_name: str = "reward mod
     fig, (top, bottom) = _figure(nrows=2, height=5.0)
     top.plot(steps, mean, color="tab:green", marker=_marker(len(steps)), label="mean reward of the batch")
     top.fill_between(steps, low, high, color="tab:green", alpha=0.2, label="± 1 std over the batch")
-    top.set_title(f"PPO: reward per step ({reward_name})")
+    top.set_title(f"{label}: reward per step ({reward_name})")
     top.set_ylabel("reward (score)")
     top.legend(loc="best", fontsize="small")
     pos_steps, pos = _series(rows, "positive_rate")
@@ -101,12 +105,12 @@ def plot_ppo_reward(rows: list[dict], path: Path, reward_name: str = "reward mod
     else:
         bottom.text(0.5, 0.5, "no positive_rate in metrics", ha="center", va="center", transform=bottom.transAxes)
     bottom.set_ylabel("positive rate\n(fraction of batch)")
-    bottom.set_xlabel("PPO step (one batch of prompts)")
+    bottom.set_xlabel(f"{label} step (one batch of prompts)")
     _save(fig, path)
     return True
 
 
-def plot_ppo_kl(rows: list[dict], path: Path, target_kl: float | None = None) -> bool:
+def plot_kl(rows: list[dict], path: Path, target_kl: float | None = None, label: str = "PPO") -> bool:
     steps, kl = _series(rows, "kl")
     if not steps:
         return False
@@ -115,7 +119,7 @@ def plot_ppo_kl(rows: list[dict], path: Path, target_kl: float | None = None) ->
     top.axhline(0.0, color="black", linewidth=0.8)
     if target_kl is not None:  # the adaptive controller raises β above this KL and lowers it below
         top.axhline(target_kl, color="tab:gray", linestyle="--", linewidth=1, label=f"target KL ({target_kl:g})")
-    top.set_title("PPO: KL to the reference model and the KL coefficient")
+    top.set_title(f"{label}: KL to the reference model and the KL coefficient")
     top.set_ylabel("KL (nats/response)")
     top.legend(loc="best", fontsize="small")
     coef_steps, coef = _series(rows, "kl_coef")
@@ -124,7 +128,7 @@ def plot_ppo_kl(rows: list[dict], path: Path, target_kl: float | None = None) ->
         bottom.legend(loc="best", fontsize="small")
         bottom.ticklabel_format(axis="y", useOffset=False)  # an adaptive β moves in the 4th digit: show real values
     bottom.set_ylabel("β (penalty per nat)")
-    bottom.set_xlabel("PPO step (one batch of prompts)")
+    bottom.set_xlabel(f"{label} step (one batch of prompts)")
     _save(fig, path)
     return True
 
@@ -142,16 +146,16 @@ def md_cell(value: Any) -> str:
     return text.strip() or "(empty)"
 
 
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _num(value: Any, fmt: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "—"
-    return format(value, fmt)
+    return format(value, fmt) if _is_num(value) else "—"
 
 
 def _delta(before: Any, after: Any, fmt: str) -> str:
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after)):
-        return format(after - before, fmt)
-    return ""
+    return format(after - before, fmt) if _is_num(before) and _is_num(after) else ""
 
 
 def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
@@ -203,28 +207,45 @@ def _sft_targets(run: Run, recipe: Recipe) -> str:
     return chosen if isinstance(chosen, str) else ", ".join(chosen)
 
 
-def _eval_section(ev: dict | None) -> list[str]:
-    out = ["## Evaluation on held-out prompts", ""]
+# (row label, eval.json key without _before/_after, format): reward and KL, then whether the responses stayed varied
+# and fluent — reward can rise while every prompt gets the same template.
+EVAL_ROWS = [
+    ("reward (mean score)", "reward", ".3f"),
+    ("positive rate", "positive_rate", ".2f"),
+    ("KL to reference (nats/response)", "kl", ".3f"),
+    ("distinct-1 of responses (unique words / words)", "distinct_1", ".3f"),
+    ("distinct-2 of responses (unique word pairs / pairs)", "distinct_2", ".3f"),
+    ("responses repeating a word pair (share)", "repetition", ".2f"),
+    ("reference-model perplexity of responses", "response_perplexity", ".2f"),
+    ("perplexity on held-out text", "perplexity", ".2f"),
+]
+
+
+def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
+    label = POLICY_STEPS[step]
+    out = [f"## {label} evaluation on held-out prompts", ""]
     if not ev:
-        return out + ["_No PPO evaluation yet (ppo/eval.json is missing): run `rlhf ppo` to get one._", ""]
-
-    def row(label: str, key: str, fmt: str) -> list[str]:
+        return out + [f"_No {label} evaluation yet ({step}/eval.json is missing): run `rlhf {step}` to get one._", ""]
+    rows = []
+    for name, key, fmt in EVAL_ROWS:
         before, after = ev.get(f"{key}_before"), ev.get(f"{key}_after")
-        return [label, _num(before, fmt), _num(after, fmt), _delta(before, after, "+" + fmt)]
-
-    rows = [
-        row("reward (mean score)", "reward", ".3f"),
-        row("positive rate", "positive_rate", ".2f"),
-        row("KL to reference (nats/response)", "kl", ".3f"),
-        row("perplexity on held-out text", "perplexity", ".2f"),
-        ["prompts", str(ev.get("n_prompts", "—")), str(ev.get("n_prompts", "—")), ""],
-    ]
-    out.append(_table(["metric", "before PPO", "after PPO", "change"], rows, ["---", "---:", "---:", "---:"]))
+        if before is None and after is None:  # a metric this run did not record (an older run): no row of dashes
+            continue
+        rows.append([name, _num(before, fmt), _num(after, fmt), _delta(before, after, "+" + fmt)])
+    rows.append(["prompts", str(ev.get("n_prompts", "—")), str(ev.get("n_prompts", "—")), ""])
+    out.append(_table(["metric", f"before {label}", f"after {label}", "change"], rows, ["---", "---:", "---:", "---:"]))
+    d2_before, d2_after = ev.get("distinct_2_before"), ev.get("distinct_2_after")
+    if _is_num(d2_before) and _is_num(d2_after) and (warning := collapse_warning(d2_before, d2_after)):
+        out += [
+            "",
+            f"**Warning: {warning}.** Many prompts now get the same words: the reward gain may be one template "
+            "(see the generations below). A stronger KL penalty or fewer steps keeps the policy nearer the reference.",
+        ]
     notes = []
     if ev.get("eval_split"):
         notes.append(f"held-out prompts from split `{ev['eval_split']}`")
     if ev.get("steps") is not None:
-        notes.append(f"after {ev['steps']} PPO steps")
+        notes.append(f"after {ev['steps']} {label} steps")
     if notes:
         out += ["", "_" + "; ".join(notes) + "._"]
     return out + [""]
@@ -238,7 +259,9 @@ def _figure_md(run: Run, heading: str, name: str, drawn: bool, alt: str, missing
     return out + [f"_Not drawn: {missing}._", ""]
 
 
-def _plots_section(run: Run, sft_rows: list[dict], ppo_rows: list[dict], recipe: Recipe | None) -> list[str]:
+def _plots_section(
+    run: Run, sft_rows: list[dict], policy_rows: dict[str, list[dict]], recipe: Recipe | None
+) -> list[str]:
     losses = [r for r in sft_rows if isinstance(r.get("loss"), (int, float))]
     intro = ""
     if losses:
@@ -247,10 +270,8 @@ def _plots_section(run: Run, sft_rows: list[dict], ppo_rows: list[dict], recipe:
             f"Loss {first['loss']:.4f} at step {first.get('step')} -> {last['loss']:.4f} at step "
             f"{last.get('step')} ({len(losses)} logged steps)."
         )
-    no_ppo = "no PPO metrics (ppo/metrics.jsonl is missing or empty)"
     reward_name = recipe.reward.name if recipe else "reward model"
-    target_kl = recipe.ppo.target_kl if recipe and recipe.ppo.adaptive_kl else None
-    return [
+    out = [
         "## Training curves",
         "",
         *_figure_md(
@@ -262,32 +283,41 @@ def _plots_section(run: Run, sft_rows: list[dict], ppo_rows: list[dict], recipe:
             "no SFT metrics (sft/metrics.jsonl is missing or empty)",
             intro,
         ),
-        *_figure_md(
-            run,
-            "PPO reward",
-            "ppo_reward.png",
-            plot_ppo_reward(ppo_rows, run.root / "ppo_reward.png", reward_name),
-            "PPO reward mean ± std and positive rate per step",
-            no_ppo,
-        ),
-        *_figure_md(
-            run,
-            "PPO KL",
-            "ppo_kl.png",
-            plot_ppo_kl(ppo_rows, run.root / "ppo_kl.png", target_kl),
-            "KL to the reference and the KL coefficient per step",
-            no_ppo,
-        ),
     ]
+    for step, rows in policy_rows.items():
+        label = POLICY_STEPS[step]
+        missing = f"no {label} metrics ({step}/metrics.jsonl is missing or empty)"
+        # the adaptive controller's target is a PPO setting
+        target_kl = recipe.ppo.target_kl if step == "ppo" and recipe and recipe.ppo.adaptive_kl else None
+        out += [
+            *_figure_md(
+                run,
+                f"{label} reward",
+                f"{step}_reward.png",
+                plot_reward(rows, run.root / f"{step}_reward.png", reward_name, label),
+                f"{label} reward mean ± std and positive rate per step",
+                missing,
+            ),
+            *_figure_md(
+                run,
+                f"{label} KL",
+                f"{step}_kl.png",
+                plot_kl(rows, run.root / f"{step}_kl.png", target_kl, label),
+                "KL to the reference and the KL coefficient per step",
+                missing,
+            ),
+        ]
+    return out
 
 
-def _samples_section(ev: dict | None) -> list[str]:
-    out = ["## Generations before and after PPO", ""]
+def _samples_section(ev: dict | None, step: str = "ppo") -> list[str]:
+    label = POLICY_STEPS[step]
+    out = [f"## Generations before and after {label}", ""]
     before, after = (ev or {}).get("samples_before") or [], (ev or {}).get("samples_after") or []
     if not before and not after:
-        return out + ["_No samples: ppo/eval.json is missing or holds no samples._", ""]
+        return out + [f"_No samples: {step}/eval.json is missing or holds no samples._", ""]
     out.append(
-        "The same held-out prompts, sampled with the same seed, before and after PPO; reward = the reward "
+        f"The same held-out prompts, sampled with the same seed, before and after {label}; reward = the reward "
         "model's score of prompt + response."
     )
     out.append("")
@@ -308,7 +338,7 @@ def _samples_section(ev: dict | None) -> list[str]:
         )
     out.append(
         _table(
-            ["#", "prompt", "before PPO", "reward", "after PPO", "reward"],
+            ["#", "prompt", f"before {label}", "reward", f"after {label}", "reward"],
             rows,
             ["---:", "---", "---", "---:", "---", "---:"],
         )
@@ -316,8 +346,29 @@ def _samples_section(ev: dict | None) -> list[str]:
     return out + [""]
 
 
-def _timings_section(timings: dict[str, float] | None, ppo_rows: list[dict]) -> list[str]:
-    phases = list(dict.fromkeys(k for r in ppo_rows for k in r if k.startswith("time_") and k != "time_step"))
+def _phases_table(rows: list[dict], label: str) -> list[str]:
+    phases = list(dict.fromkeys(k for r in rows for k in r if k.startswith("time_") and k != "time_step"))
+    if not phases:
+        return []
+    n = len(rows)
+    total = sum(float(r.get("time_step", 0.0)) for r in rows) / n
+    table = []
+    for key in phases:
+        mean = sum(float(r.get(key, 0.0)) for r in rows) / n
+        table.append([key.removeprefix("time_"), f"{mean:.2f}", f"{100 * mean / total:.0f}%" if total > 0 else ""])
+    table.append(["whole step", f"{total:.2f}", "100%" if total > 0 else ""])
+    return [
+        f"### Where a {label} step spends its time",
+        "",
+        f"Mean over {n} {label} steps.",
+        "",
+        _table(["phase", "seconds/step", "share"], table, ["---", "---:", "---:"]),
+        "",
+    ]
+
+
+def _timings_section(timings: dict[str, float] | None, policy_rows: dict[str, list[dict]]) -> list[str]:
+    phases = [line for step, rows in policy_rows.items() for line in _phases_table(rows, POLICY_STEPS[step])]
     if not timings and not phases:
         return []
     out = ["## Timings", ""]
@@ -325,36 +376,24 @@ def _timings_section(timings: dict[str, float] | None, ppo_rows: list[dict]) -> 
         rows = [[md_cell(k), f"{v:.1f}"] for k, v in timings.items()]
         rows.append(["**total**", f"**{sum(timings.values()):.1f}**"])
         out += [_table(["step", "seconds (wall)"], rows, ["---", "---:"]), ""]
-    if phases:
-        n = len(ppo_rows)
-        total = sum(float(r.get("time_step", 0.0)) for r in ppo_rows) / n
-        rows = []
-        for key in phases:
-            mean = sum(float(r.get(key, 0.0)) for r in ppo_rows) / n
-            rows.append([key.removeprefix("time_"), f"{mean:.2f}", f"{100 * mean / total:.0f}%" if total > 0 else ""])
-        rows.append(["whole step", f"{total:.2f}", "100%" if total > 0 else ""])
-        out += [
-            "### Where a PPO step spends its time",
-            "",
-            f"Mean over {n} PPO steps.",
-            "",
-            _table(["phase", "seconds/step", "share"], rows, ["---", "---:", "---:"]),
-            "",
-        ]
-    return out
+    return out + phases
 
 
-def _artifacts_section(run: Run) -> list[str]:
+def _artifacts_section(run: Run, steps: list[str]) -> list[str]:
     items = [
         ("SFT LoRA adapter", run.sft_adapter),
         ("SFT metrics", run.sft_dir / "metrics.jsonl"),
         ("merged model (Hugging Face dir)", run.merged),
-        ("PPO policy adapter + value_head.safetensors", run.ppo_adapter),
-        ("PPO metrics", run.ppo_dir / "metrics.jsonl"),
-        ("PPO samples during training", run.ppo_dir / "samples.jsonl"),
-        ("PPO evaluation", run.ppo_dir / "eval.json"),
-        ("PPO checkpoints (resume)", run.ppo_checkpoints),
     ]
+    for step in steps:
+        label, where = POLICY_STEPS[step], run.root / step
+        items += [
+            (f"{label} policy adapter" + (" + value_head.safetensors" if step == "ppo" else ""), where / "adapter"),
+            (f"{label} metrics", where / "metrics.jsonl"),
+            (f"{label} samples during training", where / "samples.jsonl"),
+            (f"{label} evaluation", where / "eval.json"),
+            (f"{label} checkpoints (resume)", where / "checkpoints"),
+        ]
     rows = [[what, f"`{path.relative_to(run.root)}`", "yes" if path.exists() else "not yet"] for what, path in items]
     return [
         "## Artifacts",
@@ -372,9 +411,11 @@ def _artifacts_section(run: Run) -> list[str]:
 def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
     """Write RUN/report.md and the PNG plots beside it; return the path of report.md."""
     sft_rows = read_jsonl(run.sft_dir / "metrics.jsonl")
-    ppo_rows = read_jsonl(run.ppo_dir / "metrics.jsonl")
-    ev = _read_json(run.ppo_dir / "eval.json")
-    if not run.recipe_path.is_file() and not sft_rows and not ppo_rows and ev is None:
+    # PPO and/or GRPO, whichever the run has; PPO when neither, so the report says how to get one
+    steps = [step for step in POLICY_STEPS if (run.root / step).is_dir()] or ["ppo"]
+    policy_rows = {step: read_jsonl(run.root / step / "metrics.jsonl") for step in steps}
+    evals = {step: _read_json(run.root / step / "eval.json") for step in steps}
+    if not run.recipe_path.is_file() and not sft_rows and not any(policy_rows.values()) and not any(evals.values()):
         raise UserError(f"{run.root} holds no rlhf run (no recipe.yaml, no metrics); nothing to report")
 
     recipe_lines, recipe = _recipe_section(run)
@@ -385,11 +426,11 @@ def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
         f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         *recipe_lines,
         "",
-        *_eval_section(ev),
-        *_plots_section(run, sft_rows, ppo_rows, recipe),
-        *_samples_section(ev),
-        *_timings_section(timings, ppo_rows),
-        *_artifacts_section(run),
+        *[line for step in steps for line in _eval_section(evals[step], step)],
+        *_plots_section(run, sft_rows, policy_rows, recipe),
+        *[line for step in steps for line in _samples_section(evals[step], step)],
+        *_timings_section(timings, policy_rows),
+        *_artifacts_section(run, steps),
     ]
     path = run.root / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")

@@ -36,57 +36,70 @@ def write_sft(root: Path, steps: int = 40) -> None:
         )
 
 
-def write_ppo(root: Path, steps: int = 30) -> None:
+# distinct-2 0.571 -> 0.482 is 0.84x its value before: less varied, but not the collapse the report warns about
+DIVERSITY = {
+    "distinct_1_before": 0.412,
+    "distinct_1_after": 0.305,
+    "distinct_2_before": 0.571,
+    "distinct_2_after": 0.482,
+    "repetition_before": 0.06,
+    "repetition_after": 0.12,
+    "response_perplexity_before": 12.5,
+    "response_perplexity_after": 9.75,
+}
+
+
+def write_ppo(root: Path, steps: int = 30, step_dir: str = "ppo", **eval_keys) -> None:
+    """A PPO run's files by hand; step_dir="grpo" writes the critic-free step's (no value loss); eval_keys override
+    or, given as None, drop keys of eval.json."""
     for step in range(1, steps + 1):
-        append_jsonl(
-            root / "ppo" / "metrics.jsonl",
-            {
-                "step": step,
-                "reward_mean": -0.5 + step * 0.1,
-                "reward_std": 2.0 - step * 0.02,
-                "positive_rate": min(1.0, 0.4 + step * 0.02),
-                "kl": 0.3 * step,
-                "kl_coef": 0.05 * (1 + step * 1e-4),
-                "policy_loss": -0.01,
-                "value_loss": 1.5,
-                "entropy": 1.7,
-                "clipfrac": 0.1,
-                "approx_kl": 0.02,
-                "response_len": 10.0,
-                "tokens_per_s": 5.0,
-                "peak_mem_bytes": 7 << 28,
-                "time_generate": 3.0,
-                "time_reward": 0.2,
-                "time_forward": 1.0,
-                "time_train": 1.5,
-                "time_step": 5.8,
-            },
-        )
-    append_jsonl(root / "ppo" / "samples.jsonl", {"step": 1, "prompt": "It is", "response": " fine", "reward": 0.1})
+        row = {
+            "step": step,
+            "reward_mean": -0.5 + step * 0.1,
+            "reward_std": 2.0 - step * 0.02,
+            "positive_rate": min(1.0, 0.4 + step * 0.02),
+            "kl": 0.3 * step,
+            "kl_coef": 0.05 * (1 + step * 1e-4),
+            "policy_loss": -0.01,
+            "value_loss": 1.5,
+            "entropy": 1.7,
+            "clipfrac": 0.1,
+            "approx_kl": 0.02,
+            "response_len": 10.0,
+            "tokens_per_s": 5.0,
+            "peak_mem_bytes": 7 << 28,
+            "time_generate": 3.0,
+            "time_reward": 0.2,
+            "time_forward": 1.0,
+            "time_train": 1.5,
+            "time_step": 5.8,
+        }
+        if step_dir == "grpo":
+            del row["value_loss"]
+        append_jsonl(root / step_dir / "metrics.jsonl", row)
+    append_jsonl(root / step_dir / "samples.jsonl", {"step": 1, "prompt": "It is", "response": " fine", "reward": 0.1})
     prompts = ["This film | that film", "So I\nfinally saw", "It is"]
-    atomic_write_json(
-        root / "ppo" / "eval.json",
-        {
-            "reward_before": -0.544,
-            "reward_after": 2.125,
-            "positive_rate_before": 0.375,
-            "positive_rate_after": 0.875,
-            "kl_before": 0.0,
-            "kl_after": 4.25,
-            "perplexity_before": 3.84,
-            "perplexity_after": 4.07,
-            "n_prompts": 3,
-            "eval_split": "test",
-            "steps": steps,
-            "samples_before": [
-                {"prompt": p, "response": f" was dull|{i}", "reward": -1.5} for i, p in enumerate(prompts)
-            ],
-            "samples_after": [
-                {"prompt": p, "response": f" was a delight\n{i}", "reward": 3.25} for i, p in enumerate(prompts)
-            ],
-        },
-    )
-    for part in ("merged", "ppo/adapter", "sft/adapter"):
+    ev = {
+        "reward_before": -0.544,
+        "reward_after": 2.125,
+        "positive_rate_before": 0.375,
+        "positive_rate_after": 0.875,
+        "kl_before": 0.0,
+        "kl_after": 4.25,
+        "perplexity_before": 3.84,
+        "perplexity_after": 4.07,
+        "n_prompts": 3,
+        "eval_split": "test",
+        "steps": steps,
+        "samples_before": [{"prompt": p, "response": f" was dull|{i}", "reward": -1.5} for i, p in enumerate(prompts)],
+        "samples_after": [
+            {"prompt": p, "response": f" was a delight\n{i}", "reward": 3.25} for i, p in enumerate(prompts)
+        ],
+        **DIVERSITY,
+    }
+    ev.update(eval_keys)
+    atomic_write_json(root / step_dir / "eval.json", {k: v for k, v in ev.items() if v is not None})
+    for part in ("merged", f"{step_dir}/adapter", "sft/adapter"):
         (root / part).mkdir(parents=True, exist_ok=True)
 
 
@@ -116,6 +129,12 @@ def test_full_run_gets_tables_and_every_plot(full_run):
     assert "| positive rate | 0.38 | 0.88 | +0.50 |" in text
     assert "| KL to reference (nats/response) | 0.000 | 4.250 | +4.250 |" in text
     assert "| perplexity on held-out text | 3.84 | 4.07 | +0.23 |" in text
+    # diversity and fluency of the responses beside reward and KL; 0.84x is no collapse
+    assert "| distinct-1 of responses (unique words / words) | 0.412 | 0.305 | -0.107 |" in text
+    assert "| distinct-2 of responses (unique word pairs / pairs) | 0.571 | 0.482 | -0.089 |" in text
+    assert "| responses repeating a word pair (share) | 0.06 | 0.12 | +0.06 |" in text
+    assert "| reference-model perplexity of responses | 12.50 | 9.75 | -2.75 |" in text
+    assert "diversity collapsed" not in text
     assert "| prompts | 3 | 3 |  |" in text
     for name in PLOTS:
         assert f"]({name})" in text  # embedded with a relative link
@@ -130,6 +149,65 @@ def test_full_run_gets_tables_and_every_plot(full_run):
     for artifact in ("`sft/adapter`", "`merged`", "`ppo/adapter`"):
         assert artifact in text
     assert not list(full_run.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_diversity_collapse_is_flagged(tmp_path):
+    root = tmp_path / "collapsed"
+    write_ppo(root, distinct_2_before=0.57, distinct_2_after=0.45)  # 0.79x: just below 0.8x
+
+    text = write_report(Run(root)).read_text()
+
+    assert "| distinct-2 of responses (unique word pairs / pairs) | 0.570 | 0.450 | -0.120 |" in text
+    warning = [line for line in text.splitlines() if "diversity collapsed" in line]
+    assert len(warning) == 1 and warning[0].startswith(
+        "**Warning: diversity collapsed: distinct-2 0.57 -> 0.45 (< 0.8x).**"
+    )
+
+
+def test_run_from_before_the_diversity_keys_gets_the_old_table(tmp_path):
+    root = tmp_path / "old"
+    write_ppo(root, **dict.fromkeys(DIVERSITY))  # an eval.json written before distinct-n, repetition, fluency
+
+    text = write_report(Run(root)).read_text()
+
+    assert "| reward (mean score) | -0.544 | 2.125 | +2.669 |" in text
+    assert "| perplexity on held-out text | 3.84 | 4.07 | +0.23 |" in text
+    assert "distinct" not in text and "repeating" not in text and "of responses" not in text
+    assert "Warning" not in text
+
+
+def test_grpo_run_is_reported_like_ppo(tmp_path):
+    root = tmp_path / "grpo"
+    write_sft(root)
+    write_ppo(root, step_dir="grpo", distinct_2_before=0.6, distinct_2_after=0.3)
+
+    text = write_report(Run(root), {"grpo": 60.0}).read_text()
+
+    assert "## GRPO evaluation on held-out prompts" in text and "| metric | before GRPO | after GRPO | change |" in text
+    assert "| reward (mean score) | -0.544 | 2.125 | +2.669 |" in text
+    assert "**Warning: diversity collapsed: distinct-2 0.60 -> 0.30 (< 0.8x).**" in text
+    for name in ("grpo_reward.png", "grpo_kl.png"):
+        assert f"]({name})" in text
+        assert_png(root / name)
+    assert "## Generations before and after GRPO" in text and "| 1 | This film \\| that film |" in text
+    assert "### Where a GRPO step spends its time" in text
+    assert "| GRPO evaluation | `grpo/eval.json` | yes |" in text
+    assert "PPO" not in text.split("## GRPO evaluation")[1]  # nothing below the recipe pretends PPO ran
+    assert not (root / "ppo_reward.png").exists()
+
+
+def test_run_with_ppo_and_grpo_reports_both(tmp_path):
+    root = tmp_path / "both"
+    write_ppo(root)
+    write_ppo(root, step_dir="grpo", reward_after=1.5)
+
+    text = write_report(Run(root)).read_text()
+
+    ppo, grpo = text.split("## GRPO evaluation on held-out prompts")
+    assert "## PPO evaluation on held-out prompts" in ppo and "| reward (mean score) | -0.544 | 2.125 | +2.669 |" in ppo
+    assert "| reward (mean score) | -0.544 | 1.500 | +2.044 |" in grpo
+    for name in ("ppo_reward.png", "ppo_kl.png", "grpo_reward.png", "grpo_kl.png"):
+        assert_png(root / name)
 
 
 def test_sft_only_run_gets_the_sft_plot_and_says_what_is_missing(tmp_path):
