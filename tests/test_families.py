@@ -109,6 +109,7 @@ def test_family_runs_sft_merge_ppo_with_default_targets(family, family_models, t
 
     assert cli("ppo", "--run", run) == 0
     assert _targets(run / "ppo/adapter") == expected
+    assert f"targets {', '.join(expected)}" in (run / "ppo/adapter/README.md").read_text()
     rows = read_jsonl(run / "ppo/metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r[k]) for r in rows for k in ("reward_mean", "kl", "policy_loss", "value_loss"))

@@ -26,8 +26,9 @@ from rlhf.budget.formulas import (
     weight_bytes,
 )
 from rlhf.budget.shapes import ModelShape
-from rlhf.config import Recipe
+from rlhf.config import LoraConfig, Recipe
 from rlhf.dtypes import DTYPE_BYTES
+from rlhf.targets import resolve_targets
 from rlhf.units import MiB, format_bytes
 
 PROCESS_RAM = 512 * MiB  # Python + torch + transformers, for a planned merge (a live one reads its own RSS)
@@ -41,13 +42,19 @@ def checkpoint_reentrant() -> bool:
     return bool(modeling.CHECKPOINT_KWARGS.get("use_reentrant", True))
 
 
-def _lora_setup(recipe: Recipe, step: str, device_kind: str) -> TrainSetup:
+def lora_targets(shape: ModelShape, lora: LoraConfig) -> list[str]:
+    """The layers `modeling.add_lora` adapts: the recipe's setting resolved against the model's linear layers (the
+    output embedding, the one linear bitsandbytes leaves unquantized, is never a target)."""
+    return resolve_targets(lora.target_modules, shape.model_type, [lin.name for lin in shape.linears if lin.quantized])
+
+
+def _lora_setup(recipe: Recipe, shape: ModelShape, step: str, device_kind: str) -> TrainSetup:
     lora = recipe.ppo.lora if step == "ppo" else recipe.lora
     return TrainSetup(
         quantization=recipe.model.quantization,
         d=DTYPE_BYTES[recipe.model.dtype],
         lora_rank=lora.rank,
-        lora_targets=tuple(lora.target_modules),
+        lora_targets=tuple(lora_targets(shape, lora)),
         lora_dropout=lora.dropout,
         device_kind=device_kind,
         reentrant=checkpoint_reentrant(),
@@ -68,7 +75,7 @@ def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[di
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf sft`: a micro-batch at the loss and in the
     backward pass."""
     cfg = recipe.sft
-    s = _lora_setup(recipe, "sft", device_kind)
+    s = _lora_setup(recipe, shape, "sft", device_kind)
     n_lora = lora_params(shape, s.lora_rank, list(s.lora_targets))
     resident = {
         "weights": weight_bytes(shape, s.quantization, s.d),
@@ -97,7 +104,7 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf ppo`, moment by moment as a PPO step runs;
     `spec` is the reward model's (`peak.load_reward_spec`)."""
     cfg, gen = recipe.ppo, recipe.ppo.generation
-    s = _lora_setup(recipe, "ppo", device_kind)
+    s = _lora_setup(recipe, shape, "ppo", device_kind)
     d, V, h = s.d, shape.vocab, shape.hidden
     prompt, response = cfg.prompt_max_tokens, gen.max_new_tokens
     seq = prompt + response
@@ -185,7 +192,7 @@ def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
     src = DTYPE_BYTES.get(shape.checkpoint_dtype, 4)
     out = DTYPE_BYTES[recipe.merge.dtype]
     cast = shape.checkpoint_dtype != recipe.merge.dtype
-    targets = set(recipe.lora.target_modules)
+    targets = lora_targets(shape, recipe.lora)
     largest = max(
         (
             working_set_bytes(lin.in_features * lin.out_features, src, out, merged=lin.name in targets, cast=cast)
@@ -193,7 +200,7 @@ def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
         ),
         default=0,
     )
-    adapter = 4 * lora_params(shape, recipe.lora.rank, list(recipe.lora.target_modules))
+    adapter = 4 * lora_params(shape, recipe.lora.rank, targets)
     ram = peak_ram_parts(PROCESS_RAM, adapter, largest)
     parts = {"weights": ram["tensor"], "lora": ram["adapters"], "overhead": ram["process"]}
     disk = out * shape.params  # non-persistent buffers (rotary frequencies) are not saved

@@ -189,17 +189,20 @@ def save_adapter(trainer: PPOTrainer) -> Path:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         value_head = {k: v.detach().cpu().contiguous() for k, v in trainer.policy.value_head.state_dict().items()}
         save_file(value_head, str(tmp / "value_head.safetensors"))
-        atomic_write_text(tmp / "README.md", _card(trainer.recipe, trainer.reward_name, trainer.step, trainer.run))
+        targets = modeling.adapter_targets(trainer.model)
+        atomic_write_text(
+            tmp / "README.md", _card(trainer.recipe, trainer.reward_name, trainer.step, trainer.run, targets)
+        )
     return out
 
 
-def _card(recipe: Recipe, reward: str, steps: int, run: Run) -> str:
+def _card(recipe: Recipe, reward: str, steps: int, run: Run, targets: list[str]) -> str:
     return (
         f"# PPO policy adapter (rlhf ppo)\n\n"
         f"- base: {run.merged.resolve()} (the merged SFT model of this run: {recipe.model.name} + SFT adapter)\n"
         f"- reward: {reward}\n"
         f"- LoRA: r={recipe.ppo.lora.rank}, alpha={recipe.ppo.lora.alpha}, "
-        f"targets {', '.join(recipe.ppo.lora.target_modules)}\n"
+        f"targets {', '.join(targets)}\n"
         f"- steps: {steps} of batch {recipe.ppo.batch_size}, learning rate {recipe.ppo.learning_rate}\n"
         f"- date: {time.strftime('%Y-%m-%d')}\n\n"
         f"`value_head.safetensors` holds the value head (`summary.weight`, `summary.bias`) trained with the adapter.\n"
