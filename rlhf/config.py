@@ -155,6 +155,11 @@ class PpoConfig(Section):
     sample_every: int = Field(5, ge=1)
     eval_prompts: int = Field(64, ge=0)
     nonfinite_patience: int = Field(3, ge=1, description="stop after this many non-finite batches in a row")
+    # Guards against reward over-optimisation: stop early, keeping the last checkpoint saved before the guard fired.
+    kl_ceiling: float | None = Field(None, gt=0, description="stop when a step's mean KL to the reference passes this")
+    diversity_floor: float | None = Field(
+        None, gt=0, le=1, description="stop when a step's distinct-2 falls below this share of the first step's"
+    )
     seed: int = 0
 
     @model_validator(mode="after")

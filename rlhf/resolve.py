@@ -80,10 +80,27 @@ def resolve_model(name: str, revision: str | None = None, what: str = "model") -
                 f"{what} directory '{name}' has no config.json; pass a Hugging Face model directory "
                 f"(the output of save_pretrained)"
             )
+        check_weights(path, name, what)
         return path
     if not looks_like_hub_id(name):
         raise UserError(f"{what} '{name}' does not exist; pass an existing directory or a hub id like org/name")
     return _download(name, revision, "model", MODEL_PATTERNS)
+
+
+def check_weights(path: Path, name: str, what: str = "model") -> None:
+    """A local model directory must hold safetensors weights: pickled *.bin files are never loaded (they can run
+    code), and a directory with a config alone is no model."""
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise UserError(
+            f"{what} directory '{name}' holds only pickled weights (*.bin/*.pt), which rlhf never loads; convert them "
+            f"to safetensors (model.save_pretrained(dir, safe_serialization=True)) and pass that directory"
+        )
+    raise UserError(
+        f"{what} directory '{name}' has a config.json but no weights (*.safetensors); pass the directory "
+        f"save_pretrained wrote, with its weight files"
+    )
 
 
 def resolve_dataset(name: str) -> Path | str:

@@ -172,6 +172,8 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     if recipe.sft.optimizer == "adamw_8bit":
         modeling.require_bitsandbytes("sft.optimizer=adamw_8bit", "sft.optimizer=adamw")
 
+    if Path(recipe.model.name).expanduser().exists():  # a local model that is no model is said as such, not sized
+        resolve_model(recipe.model.name, recipe.model.revision)
     # Memory-budget pre-flight: before anything heavy is loaded. One process prints it under `accelerate launch`.
     from rlhf import budget
 

@@ -292,12 +292,12 @@ def test_gpu_names_and_sizes():
 
 def test_device_precedence(neox20b, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert budget.device_memory("12GiB", neox20b)[0] == 12 * GiB  # the flag wins
-    size, text = budget.device_memory(None, neox20b)
-    assert size == 24 * GiB and "budget.gpu" in text  # then the recipe's budget.gpu
+    assert budget.resolve_device("12GiB", neox20b).bytes == 12 * GiB  # the flag wins
+    device = budget.resolve_device(None, neox20b)
+    assert device.bytes == 24 * GiB and "budget.gpu" in device.description  # then the recipe's budget.gpu
     plain = neox20b.model_copy(update={"budget": BudgetConfig(gpu=None)})
-    size, text = budget.device_memory(None, plain)
-    assert "RAM" in text and size > 0  # then this machine: free RAM on a CPU run
+    device = budget.resolve_device(None, plain)
+    assert "RAM" in device.description and device.bytes > 0  # then this machine: free RAM on a CPU run
 
 
 # --- gpt-neox-20b: the done-when checks --------------------------------------------------------------------------
@@ -313,23 +313,10 @@ def check_fits_24gib(recipe: Recipe, step: str) -> None:
     assert data["fits"] and data["total_bytes"] <= 24 * GiB
 
 
-NONREENTRANT = (
-    "rlhf.modeling checkpoints without reentrancy, so bitsandbytes' int8 matmul inputs (ctx attributes) stay for "
-    "all 44 layers: +3.6 GiB at sft.block_size 1024; use_reentrant=True there (or sft.block_size: 512) makes it fit"
-)
-
-
-@pytest.mark.parametrize(
-    "step",
-    ["ppo", pytest.param("sft", marks=pytest.mark.xfail(not budget.checkpoint_reentrant(), reason=NONREENTRANT))],
-)
-def test_gpt_neox_20b_fits_24gib(neox20b, step):
-    check_fits_24gib(neox20b, step)
-
-
 @pytest.mark.parametrize("step", ["sft", "ppo"])
-def test_gpt_neox_20b_fits_24gib_with_reentrant_checkpointing(neox20b, step, monkeypatch):
-    monkeypatch.setattr(moments, "checkpoint_reentrant", lambda: True)
+def test_gpt_neox_20b_fits_24gib(neox20b, step):
+    # rlhf checkpoints reentrantly (modeling.CHECKPOINT_KWARGS), which frees bitsandbytes' int8 matmul inputs.
+    assert budget.checkpoint_reentrant()
     check_fits_24gib(neox20b, step)
 
 

@@ -14,6 +14,8 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,10 +43,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _launch(*args: str, env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+    target = [script] if script else ["-m", "rlhf"]
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               "-m", "rlhf", *args]  # fmt: skip
+               *target, *args]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -107,3 +110,13 @@ def test_ppo_on_two_processes(merged_run, tmp_path):
         assert len(ours) == len(theirs) == 8, "each rank generates its own batch_size sequences"
         assert not set(ours) & set(theirs), "the ranks' prompts differ"
     assert by_rank[0][0] == by_rank[1][0], "the evaluation uses the same held-out prompts on every rank"
+
+
+def test_ppo_gradient_is_the_mean_over_ranks(merged_run, tmp_path):
+    """Through DDP each rank ends with the mean of the ranks' gradients: a sum (or a rank's own) fails the check in
+    tests/dp_grad_check.py, which runs the real trainer's update on both ranks."""
+    run = tmp_path / "run"
+    shutil.copytree(merged_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    script = str(Path(__file__).with_name("dp_grad_check.py"))
+    done = _launch(str(run), script=script, env={"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.stdout.count("gradient is the mean of 2 ranks'") == 2, done.stdout + done.stderr[-3000:]

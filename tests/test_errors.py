@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -212,6 +213,23 @@ def test_model_dir_without_config(tmp_path, capsys):
     (tmp_path / "model" / "model.safetensors").write_bytes(b"")
     line = one_error(capsys, "sft", "--recipe", "quickstart", "--model", tmp_path / "model", "--run", tmp_path / "R")
     assert "no config.json" in line and "save_pretrained" in line
+
+
+@pytest.mark.parametrize("weights", [None, "pytorch_model.bin"])
+def test_model_dir_without_safetensors_weights(tmp_path, capsys, fixture_paths, weights):
+    """A directory with a config but no safetensors is named as such (exit 2), before the budget could size it."""
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(fixture_paths.policy / "config.json", model / "config.json")
+    if weights:
+        (model / weights).write_bytes(b"not a pickle to load")
+    assert cli("sft", "--recipe", "quickstart", "--model", model, "--run", tmp_path / "R") == 2
+    out, err = capsys.readouterr()
+    [line] = [line for line in err.splitlines() if line.startswith("rlhf: error:")]
+    assert str(model) in line and "Traceback" not in err
+    assert ("no weights" in line) if weights is None else ("pickled weights" in line and "safetensors" in line)
+    assert "memory budget" not in out, "refused before the budget, which would size the config alone"
+    assert not (tmp_path / "R").exists()
 
 
 def test_hub_dataset_while_offline_says_so(tmp_path, capsys, fixture_paths):

@@ -220,8 +220,14 @@ def test_ppo_outputs_and_base_untouched(merged_run, copy_run):
         "n_prompts",
         "perplexity_before",
         "perplexity_after",
+        "distinct_1_before",
+        "distinct_2_after",
+        "repetition_after",
+        "response_perplexity_before",
+        "response_perplexity_after",
     ):
         assert key in ev
+    assert 0 < ev["distinct_2_before"] <= 1 and ev["response_perplexity_before"] > 1
     assert ev["kl_before"] == pytest.approx(0.0, abs=1e-4), "before training the policy is the reference"
     assert read_jsonl(run / "ppo/samples.jsonl")
     # A second run without --resume/--force is refused and changes nothing.

@@ -236,3 +236,34 @@ def test_adapters_load_with_plain_peft_from_anywhere(merged_run, copy_run, tmp_p
         trained = [n for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
         assert trained, f"{adapter}: the loaded adapter holds its trained weights"
     assert base_name == str((run / "merged").resolve())
+
+
+# --- guards against over-optimisation ---------------------------------------------------------------------------
+
+
+def test_kl_ceiling_stops_early_with_the_last_good_checkpoint(merged_run, copy_run, capsys):
+    """Step 1 samples from the reference (KL 0); step 2's KL passes a tiny ceiling: the run stops, goes back to step 1's
+    checkpoint, and saves and evaluates that policy."""
+    from safetensors.torch import load_file
+
+    run = copy_run(merged_run)
+    assert cli("ppo", "--run", run, *SMALL, "ppo.max_steps=4", "ppo.save_steps=1", "ppo.kl_ceiling=1e-9") == 0
+    assert "stopped early: KL" in capsys.readouterr().err
+    assert [p.name for p in (run / "ppo/checkpoints").iterdir()] == ["step-1"]
+    ev = json.loads((run / "ppo/eval.json").read_text())
+    assert "ppo.kl_ceiling" in ev["early_stop"] and ev["steps"] == 1
+    kept = load_file(run / "ppo/checkpoints/step-1/adapter.safetensors")
+    final = load_file(run / "ppo/adapter/adapter_model.safetensors")
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
+
+
+def test_diversity_floor_guard():
+    from types import SimpleNamespace
+
+    from rlhf.config import PpoConfig
+
+    trainer = SimpleNamespace(cfg=PpoConfig(batch_size=16, mini_batch_size=8, diversity_floor=0.8))
+    assert PPOTrainer._guard(trainer, {"step": 1, "kl": 0.0, "distinct_2": 0.60}) is None
+    assert PPOTrainer._guard(trainer, {"step": 2, "kl": 3.0, "distinct_2": 0.49}) is None  # 0.49 > 0.8 x 0.60
+    reason = PPOTrainer._guard(trainer, {"step": 3, "kl": 3.0, "distinct_2": 0.47})
+    assert reason and "distinct-2 fell to 0.47" in reason and "0.60 (step 1)" in reason

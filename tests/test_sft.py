@@ -102,7 +102,8 @@ def test_sft_trains_the_adapter_and_leaves_the_base(tmp_path, fixture_paths):
     assert len(rows) >= 2 and all("loss" in r and "step" in r and "lr" in r for r in rows)
     assert (run.sft_adapter / "adapter_config.json").is_file() and run.recipe_path.is_file()
     config = json.loads((run.sft_adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == TINY and config["r"] == 16
+    # A fixture (like any local model) is named by absolute path, which plain transformers/peft can load again.
+    assert config["base_model_name_or_path"] == str(fixture_paths.policy.resolve()) and config["r"] == 16
 
 
 def test_rerun_into_finished_run_is_refused(sft_run, copy_run, capsys):

@@ -18,7 +18,7 @@ report.py    the table and verdict, `rlhf budget` (`main`), the pre-flight every
 A step's components sum exactly to its total.
 """
 
-from rlhf.budget.device import GPUS, Device, device_memory, gpu_bytes, resolve_device
+from rlhf.budget.device import GPUS, Device, gpu_bytes, resolve_device
 from rlhf.budget.fit import Change, Suggestion, apply_changes, auto_fit, suggest
 from rlhf.budget.formulas import (
     TrainSetup,
@@ -46,7 +46,6 @@ __all__ = [
     "apply_changes",
     "auto_fit",
     "checkpoint_reentrant",
-    "device_memory",
     "estimate",
     "gpu_bytes",
     "layer_saved_per_token",

@@ -68,9 +68,3 @@ def ram_device() -> Device:
 
     available = psutil.virtual_memory().available
     return Device(available, f"{format_bytes(available)} of free RAM (CPU)", "cpu")
-
-
-def device_memory(gpu: str | None, recipe: Recipe) -> tuple[int, str]:
-    """(bytes, description) of the memory to plan against; see `resolve_device` for the precedence."""
-    device = resolve_device(gpu, recipe)
-    return device.bytes, device.description

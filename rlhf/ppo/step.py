@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from rlhf import modeling
 from rlhf.config import Recipe
+from rlhf.diversity import collapse_warning
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
 from rlhf.ppo.trainer import PPOTrainer
@@ -29,7 +30,9 @@ from rlhf.rl import checkpoint
 from rlhf.rl.parallel import Parallel
 from rlhf.runs import Run
 
-EVAL_KEYS = ("reward", "positive_rate", "kl", "perplexity")
+EVAL_KEYS = (
+    "reward", "positive_rate", "kl", "distinct_1", "distinct_2", "repetition", "response_perplexity", "perplexity",
+)  # fmt: skip
 
 
 @dataclass
@@ -165,6 +168,7 @@ def run(
     if main and after:
         result = {
             **{f"{k}_{when}": ev[k] for k in EVAL_KEYS for when, ev in (("before", before), ("after", after))},
+            "early_stop": trainer.early_stop,
             "n_prompts": len(trainer.eval_texts),
             "eval_split": trainer.eval_source,
             "steps": trainer.step,
@@ -176,8 +180,12 @@ def run(
             f"ppo: done, {trainer.step} steps. reward {result['reward_before']:.3f} -> {result['reward_after']:.3f}, "
             f"positive rate {result['positive_rate_before']:.2f} -> {result['positive_rate_after']:.2f}, "
             f"KL {result['kl_after']:.2f}, perplexity {result['perplexity_before']:.1f} -> "
-            f"{result['perplexity_after']:.1f}; adapter: {adapter}"
+            f"{result['perplexity_after']:.1f}, distinct-2 {result['distinct_2_before']:.2f} -> "
+            f"{result['distinct_2_after']:.2f}; adapter: {adapter}"
         )
+        collapsed = collapse_warning(result["distinct_2_before"], result["distinct_2_after"])
+        if collapsed:
+            print(f"ppo: warning: {collapsed}; see ppo.kl_ceiling, ppo.diversity_floor and ppo.target_kl")
     return PpoResult(run, adapter, trainer.step, result)
 
 

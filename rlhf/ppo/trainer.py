@@ -18,6 +18,7 @@ import torch
 from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.data import load_texts
+from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
 from rlhf.ppo import core
 from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
@@ -49,6 +50,7 @@ class PPOTrainer:
         self.retries = 0
         self.timer = Timer()
         self.stop_requested = False
+        self.early_stop: str | None = None
         self.log = Log(run.ppo_dir, "ppo", parallel.is_main)
 
     # --- setup ---
@@ -153,6 +155,7 @@ class PPOTrainer:
             "first_approx_kl": stats["first_approx_kl"],
             "first_clipfrac": stats["first_clipfrac"],
             "entropy": core.masked_mean(ro.entropy, ro.response_mask).item(),
+            "distinct_2": parallel.mean(distinct_n(ro.responses, 2)),
             "response_len": n_tokens / len(ro.prompts),
             "tokens_per_s": parallel.mean(n_tokens / elapsed) * self.world_size,
             "peak_mem_bytes": peak_memory_bytes(),
@@ -171,18 +174,52 @@ class PPOTrainer:
         bar = self.bar = progress("ppo", cfg.max_steps, self.step, self.parallel.is_main)
         while self.step < cfg.max_steps and not self.stop_requested:
             row = self.ppo_step()
-            if row is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}"
-                )
+            if row is None:
+                continue
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}"
+            )
+            self.early_stop = self._guard(row)
+            if self.early_stop:
+                bar.close()
+                self._roll_back()
+                return
             if self.world_size > 1:  # Ctrl-C may reach the ranks at different steps: all stop at the same one
                 self.stop_requested = not self.parallel.all_true(not self.stop_requested)
-            if row is not None and (
-                self.step % cfg.save_steps == 0 or self.step == cfg.max_steps or self.stop_requested
-            ):
+            if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps or self.stop_requested:
                 self.save_checkpoint()
         bar.close()
+
+    def _guard(self, row: dict) -> str | None:
+        """Why to stop early (ppo.kl_ceiling, ppo.diversity_floor), or None. Every rank computes the same metrics."""
+        cfg = self.cfg
+        if row["step"] == 1 or not hasattr(self, "first_distinct_2"):
+            self.first_distinct_2 = row["distinct_2"]
+        if cfg.kl_ceiling is not None and row["kl"] > cfg.kl_ceiling:
+            return f"KL {row['kl']:.2f} passed ppo.kl_ceiling {cfg.kl_ceiling:g} at step {row['step']}"
+        floor = cfg.diversity_floor
+        if floor is not None and row["distinct_2"] < floor * self.first_distinct_2:
+            return (
+                f"the responses' distinct-2 fell to {row['distinct_2']:.2f}, below ppo.diversity_floor {floor:g} x "
+                f"{self.first_distinct_2:.2f} (step 1) at step {row['step']}"
+            )
+        return None
+
+    def _roll_back(self) -> None:
+        """Back to the last checkpoint saved before the guard fired (or to the start): the policy that is saved and
+        evaluated is the last good one."""
+        kept = checkpoint.saved_steps(self.run.ppo_checkpoints)
+        where = f"the checkpoint of step {checkpoint.step_of(kept[-1])}" if kept else "the policy before PPO"
+        if self.parallel.is_main:
+            print(f"ppo: stopped early: {self.early_stop}; going back to {where}", file=self.out)
+        if kept:
+            self.load_checkpoint()
+        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference
+            for name, p in self.model.named_parameters():
+                if "lora_B" in name:
+                    p.data.zero_()
+            self.step = 0
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_in_a_row += 1
@@ -220,6 +257,7 @@ class PPOTrainer:
                 "kl_controller": self.kl_ctl.state_dict(),
                 "score_transform": self.score_transform.state_dict(),
                 "nonfinite_total": self.nonfinite_total,
+                "first_distinct_2": getattr(self, "first_distinct_2", None),
                 "settings": self.settings(),
             }
             checkpoint.save(self.run.ppo_checkpoints, self.step, self._tensors(), self.optimizer, state)
@@ -242,6 +280,8 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.score_transform.load_state_dict(state["score_transform"])
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        if state.get("first_distinct_2") is not None:  # the diversity guard's baseline stays that of step 1
+            self.first_distinct_2 = state["first_distinct_2"]
         self.step = int(state["step"])
         return state
 

@@ -1,7 +1,9 @@
 """Held-out evaluation of a policy, before and after RL: the same prompts and seed every time.
 
-Reward and positive rate (the reward model's own judgement), the KL to the reference, and the policy's perplexity on
-held-out text, through `evaluate` modules shipped in rlhf/metrics and loaded by path (no hub).
+Reward and positive rate (the reward model's own judgement), the KL to the reference, whether the responses stayed
+varied (distinct-1/2, within-response repetition) and fluent (the reference model's perplexity of the responses: the
+model before RL judging what RL made of it), and the policy's perplexity on held-out text, through `evaluate` modules
+shipped in rlhf/metrics and loaded by path (no hub).
 """
 
 from __future__ import annotations
@@ -44,11 +46,20 @@ def evaluate(
     kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1)
     reward_stats = hf_evaluate.load(str(metric_path("reward_stats")))
     stats = reward_stats.compute(predictions=ro.scores.tolist(), references=[int(p) for p in ro.positive.tolist()])
+    token_perplexity = hf_evaluate.load(str(metric_path("token_perplexity")))
+    diversity = hf_evaluate.load(str(metric_path("diversity"))).compute(predictions=ro.responses)
+    response_nll = -(ro.ref_logprobs * ro.response_mask).sum(1)
     return {
         "reward": stats["mean_reward"],
         "positive_rate": stats["positive_rate"],
         "kl": kl.mean().item(),
-        "perplexity": perplexity(policy, tokenizer, texts, hf_evaluate.load(str(metric_path("token_perplexity")))),
+        "distinct_1": diversity["distinct_1"],
+        "distinct_2": diversity["distinct_2"],
+        "repetition": diversity["repetition"],
+        "response_perplexity": token_perplexity.compute(
+            predictions=response_nll.tolist(), references=ro.response_mask.sum(1).tolist()
+        )["perplexity"],
+        "perplexity": perplexity(policy, tokenizer, texts, token_perplexity),
         "samples": [
             {"prompt": p, "response": r, "reward": s}
             for p, r, s in zip(ro.prompts[:8], ro.responses[:8], ro.scores[:8].tolist())
