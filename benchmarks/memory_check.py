@@ -9,7 +9,7 @@ the shapes), loaded through rlhf's own code (`modeling.load_base` in 8-bit, `pre
 run through real steps:
 
 sft   forward with labels (transformers' loss), backward, AdamW step: as `rlhf sft`'s Trainer does.
-ppo   the phases of `rlhf ppo`, with its own `PolicyWithValue`: generation with a KV cache, the reward classifier
+ppo   the phases of `rlhf ppo`, with its own `rlhf.rl.policy.Policy`: generation with a KV cache, the reward classifier
       (random DistilBERT of lvwerra/distilbert-imdb's shape), scoring by the policy and by the reference (adapter
       disabled), and the update (policy + value loss, backward, Adam step) in micro-batches.
 
@@ -326,12 +326,12 @@ def run_ppo(args, model_dir: Path, meter: Meter) -> dict:
     import torch
 
     from rlhf.ppo import core
-    from rlhf.ppo.policy import PolicyWithValue, ValueHead
+    from rlhf.rl.policy import Policy, ValueHead
 
     recipe = recipe_for(args, model_dir)
     model = load_policy(args, model_dir, recipe.ppo.lora, recipe.ppo.gradient_checkpointing)
     device = next(p.device for p in model.parameters())
-    policy = PolicyWithValue(model, ValueHead(model.config.hidden_size).to(device))
+    policy = Policy(model, ValueHead(model.config.hidden_size).to(device))
     reward = build_reward(args, device)
     loaded = meter.now()
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=1e-5)
@@ -345,7 +345,7 @@ def run_ppo(args, model_dir: Path, meter: Meter) -> dict:
         pmask = torch.ones_like(prompts)
         model.eval()
         with meter.phase("generation", record, profile):
-            response, rmask = policy.generate(prompts, pmask, R)
+            response, rmask, _ = policy.generate(prompts, pmask, R)
 
         if reward is not None:
             with meter.phase("reward", record, profile), torch.no_grad():
@@ -443,7 +443,7 @@ def child(args) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
 
     import rlhf.modeling  # noqa: F401
-    import rlhf.ppo.policy  # noqa: F401
+    import rlhf.rl.policy  # noqa: F401
 
     meter = Meter(args.device, profile=not args.no_profile)
     started = time.time()

@@ -2,8 +2,8 @@
 
     python benchmarks/ppo_step.py [--device cpu|cuda] [--config FILE_OR_JSON] [--only NAME ...] [--no-write]
 
-The step is the trainer's own: `PPOTrainer.rollout()` (generate with `PolicyWithValue.generate`, reward, the no-grad
-forward passes with `PolicyWithValue.score`) and `PPOTrainer.optimise()` (GAE, `rlhf.ppo.core` losses, backward,
+The step is the trainer's own, `PPOTrainer.ppo_step()`: `rlhf.rl.rollout` (generate with `Policy.generate`, reward,
+the no-grad forward passes with `Policy.score`) and `rlhf.ppo.update.optimise()` (GAE, `rlhf.ppo.core` losses, backward,
 optimizer), on a model set up by `PPOTrainer._setup_model()` (8-bit `load_base`, `prepare_for_training`, `add_lora`,
 value head). The driver only wraps `policy.score`, `policy.reference`, the value head and `optimizer.step` with
 `time.perf_counter()` (and `torch.cuda.synchronize()` on a GPU), so the trainer's phases split further:
@@ -257,7 +257,7 @@ class Probe:
             return out
 
         policy.value_head.forward = timed_value
-        policy.score = score
+        policy.score = policy.forward = score  # rollout scoring calls score; the update calls the module
         policy.reference = reference
         opt_step = trainer.optimizer.step
 
@@ -276,9 +276,12 @@ def run_variant(name: str, work: Path, cfg: dict, device: str) -> dict:
     from rlhf import modeling
     from rlhf.config import load_recipe
     from rlhf.ppo import core
-    from rlhf.ppo.policy import PolicyWithValue
-    from rlhf.ppo.trainer import PPOTrainer, Timer, step_seed
+    from rlhf.ppo.trainer import PPOTrainer
     from rlhf.resolve import resolve_model
+    from rlhf.rewards import load_reward
+    from rlhf.rl.parallel import Parallel
+    from rlhf.rl.policy import Policy
+    from rlhf.rl.telemetry import Log
 
     rss_imports = proc_status("VmRSS")
     model_kind, reference = VARIANTS[name]
@@ -326,13 +329,23 @@ def run_variant(name: str, work: Path, cfg: dict, device: str) -> dict:
 
     torch.manual_seed(0)
     t_setup = time.perf_counter()
-    # The trainer's own setup, minus the run directory: _setup_model reads run.merged only.
-    run = type("BenchRun", (), {"merged": path, "root": path})()
-    trainer = PPOTrainer(recipe, run, reward)
+    # The trainer's own setup, minus the run directory: _setup_model reads run.merged only; nothing is logged.
+    run = type("BenchRun", (), {"merged": path, "root": path, "ppo_dir": work})()
+    trainer = PPOTrainer(recipe, run, reward, Parallel())
+    trainer.log = Log(work, "ppo", enabled=False)
     trainer._setup_model()
-    trainer._setup_reward()
+    trainer.reward = load_reward(reward)
     if model_kind == "quickstart":
         trainer._setup_data()
+    else:  # random token prompts for the random-weight model, one fixed batch per step
+        vocab = trainer.model.config.vocab_size
+
+        class RandomPrompts:
+            def batch(self, step, size, rank=0, world_size=1):
+                g = torch.Generator().manual_seed(1000 + step)
+                return torch.randint(1, vocab, (size, p), generator=g).tolist()
+
+        trainer.prompts = RandomPrompts()
     trainer._setup_optimizer()
     c = trainer.cfg
     trainer.kl_ctl = core.make_kl_controller(
@@ -343,30 +356,19 @@ def run_variant(name: str, work: Path, cfg: dict, device: str) -> dict:
     if reference == "copy":
         ref = modeling.load_base(recipe.model, path)
         modeling.prepare_for_training(ref, False)  # LayerNorms in fp32 like the policy's; frozen, no checkpointing
-        ref_policy = PolicyWithValue(ref, trainer.policy.value_head, c.generation.temperature)
+        ref_policy = Policy(ref, None, c.generation.temperature)
     probe = Probe(trainer, ref_policy, cuda)
     setup_seconds = time.perf_counter() - t_setup
     trainable, total = modeling.count_parameters(trainer.model)
 
-    def prompts(step: int) -> list[list[int]]:
-        if model_kind == "quickstart":
-            return trainer.prompts.batch(step, c.batch_size)
-        g = torch.Generator().manual_seed(1000 + step)
-        vocab = trainer.model.config.vocab_size
-        return torch.randint(1, vocab, (c.batch_size, p), generator=g).tolist()
-
     def one_step() -> dict:
-        trainer.timer = Timer()
         probe.seconds.clear()
         cpu, t = time.process_time(), probe.now()
-        ro = trainer.rollout(prompts(trainer.step), step_seed(c.seed, trainer.step, 0))
-        stats = trainer.optimise(ro)
+        stats = trainer.ppo_step()  # the trainer's own step: rollout, scoring, update, KL controller
         elapsed = probe.now() - t - probe.seconds["shadow"]
         cpu = time.process_time() - cpu - probe.seconds["shadow_cpu"]
-        trainer.kl_ctl.update(stats["kl"], c.batch_size)
-        trainer.step += 1
         s, q = trainer.timer.seconds, probe.seconds
-        tokens = float(ro.response_mask.sum().item())
+        tokens = stats["response_len"] * c.batch_size
         row = {
             "total": elapsed,
             "generate": s["generate"],
@@ -383,7 +385,7 @@ def run_variant(name: str, work: Path, cfg: dict, device: str) -> dict:
             "tokens": tokens,
             "tokens_per_s": tokens / elapsed,
             "kl": stats["kl"],
-            "reward_mean": ro.scores.mean().item(),
+            "reward_mean": stats["reward_mean"],
         }
         row["backward"] = row["train"] - row["train_forward"] - row["optimizer"]
         row["other"] = row["total"] - row["generate"] - row["reward"] - row["forward"] - row["train"]
@@ -677,7 +679,7 @@ def analysis(results: dict[str, dict], cfg: dict, L: dict[str, str]) -> list[str
     out += [
         "",
         "What makes it fast (all in the trainer, measured above as it runs):",
-        f"- Generation is our own sampling loop with a KV cache (`PolicyWithValue.generate`): each new token runs one "
+        f"- Generation is our own sampling loop with a KV cache (`Policy.generate`): each new token runs one "
         f"position through the model, {cached} positions for the batch instead of {uncached} without the cache "
         f"({uncached / cached:.1f}x fewer), and checkpointing is off while generating (it would disable the cache).",
         f"- Only the logits that are used are computed (`logits_to_keep`): the last position while generating and "
@@ -686,7 +688,7 @@ def analysis(results: dict[str, dict], cfg: dict, L: dict[str, str]) -> list[str
         "- No `output_hidden_states`: the value head reads the last hidden state through a pre-hook on the output "
         "layer, at exactly the kept positions, so the value costs one small matmul on the policy's own pass (the fwd "
         "value head column) instead of a third forward pass or a tuple of every layer's states.",
-        "- The reference is the same weights with the adapter disabled (`PolicyWithValue.reference`): no second "
+        "- The reference is the same weights with the adapter disabled (`Policy.reference`): no second "
         "model to load or hold (see Memory).",
     ]
     if not any(r["device"] == "cuda" for r in results.values()):

@@ -86,7 +86,8 @@ class Policy(nn.Module):
         self.temperature = temperature
         self._hidden: Tensor | None = None
         # transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40).
-        forward_params = inspect.signature(model.get_base_model().forward).parameters
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel, or a plain one
+        forward_params = inspect.signature(base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         if value_head is not None:
             # The input of the output embedding is the last hidden state at exactly the positions whose logits are
