@@ -80,7 +80,6 @@ def resolve_model(name: str, revision: str | None = None, what: str = "model") -
                 f"{what} directory '{name}' has no config.json; pass a Hugging Face model directory "
                 f"(the output of save_pretrained)"
             )
-        check_weights(path, name, what)
         return path
     if not looks_like_hub_id(name):
         raise UserError(f"{what} '{name}' does not exist; pass an existing directory or a hub id like org/name")

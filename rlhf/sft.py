@@ -23,7 +23,7 @@ from rlhf.config import Recipe
 from rlhf.data import load_texts, tokenize_blocks
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, trim_jsonl
-from rlhf.resolve import resolve_model
+from rlhf.resolve import check_weights, resolve_model
 from rlhf.runs import Run, mark_latest
 
 
@@ -173,7 +173,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
         modeling.require_bitsandbytes("sft.optimizer=adamw_8bit", "sft.optimizer=adamw")
 
     if Path(recipe.model.name).expanduser().exists():  # a local model that is no model is said as such, not sized
-        resolve_model(recipe.model.name, recipe.model.revision)
+        check_weights(resolve_model(recipe.model.name, recipe.model.revision), recipe.model.name)
     # Memory-budget pre-flight: before anything heavy is loaded. One process prints it under `accelerate launch`.
     from rlhf import budget
 
