@@ -17,9 +17,9 @@ from rlhf.config import load_recipe
 from rlhf.ppo import step
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
-from rlhf.rl import rollout
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.prompts import step_seed
+from rlhf.rl.rollout import collect, partition, score
 from rlhf.rl.telemetry import Timer
 from rlhf.runs import Run
 
@@ -65,15 +65,15 @@ def main(run_dir: str) -> None:
     cfg = trainer.cfg
     prompts = trainer.prompts.batch(0, cfg.batch_size, parallel.rank, parallel.world_size)
     seed = step_seed(cfg.seed, 0, parallel.rank)
-    ro = rollout.collect(trainer.policy, trainer.tokenizer, trainer.reward, prompts, cfg.generation, 8, seed, Timer())
+    rollout = collect(trainer.policy, trainer.tokenizer, trainer.reward, prompts, cfg.generation, 8, seed, Timer())
     order = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(seed))
-    rollout.score(ro, trainer.policy, rollout.partition(order, micro_batch_size(cfg)), True, Timer())
+    score(rollout, trainer.policy, partition(order, micro_batch_size(cfg)), True, Timer())
 
     grads = {}
     for name, module, group in (("own", trainer.policy, Alone()), ("ddp", trainer.module, parallel)):
         recorder = Recorder(trainer.params)
-        optimise(ro, ro.scores.float(), Optimisation(module, trainer.params, recorder, group), cfg, 0.1, order,
-                 torch.Generator(), Timer())  # fmt: skip
+        opt = Optimisation(module, trainer.params, recorder, group)
+        optimise(rollout, rollout.scores.float(), opt, cfg, 0.1, order, torch.Generator(), Timer())
         grads[name] = recorder.seen[0]
     both = parallel.gather(grads["own"][None])
     assert not torch.allclose(both[0], both[1]), "the ranks' own gradients differ, or this check proves nothing"

@@ -59,11 +59,16 @@ def test_reference_is_the_merged_model_without_adapter(policy, merged_run):
     assert (own - ref).abs().max() > 1e-3, "the adapter must change the policy, or this test proves nothing"
 
 
-@pytest.mark.parametrize("which, atol", [("policy_fp32", 1e-4), ("policy", 0.1)])
+# In eval mode LLM.int8 (CPU) picks its fp16 outlier columns per batch; measured 0.005-0.12 between merged models that
+# the session's SFT trained with 1 or 2 threads. Attending to padding is off by > 1 (the control below).
+INT8_BATCH_ATOL = 0.15
+
+
+@pytest.mark.parametrize("which, atol", [("policy_fp32", 1e-4), ("policy", INT8_BATCH_ATOL)])
 def test_left_padding_changes_nothing(which, atol, request):
     """Policy log-probs and values of a left-padded row equal those of the same row unpadded (the negative-KL
     pitfall: padded and unpadded inputs scored differently). Exact in fp32; in 8-bit, LLM.int8 picks its
-    fp16 outlier columns per batch, so batch composition moves the numbers by up to ~0.05."""
+    fp16 outlier columns per batch, so batch composition moves the numbers (INT8_BATCH_ATOL)."""
     pol, tok = request.getfixturevalue(which)
     short = tok("a dull plot", add_special_tokens=False)["input_ids"] + [11, 12, 13, 14]
     long = tok("I watched this film last weekend and", add_special_tokens=False)["input_ids"] + [11, 12, 13, 14]
@@ -80,7 +85,7 @@ def test_left_padding_changes_nothing(which, atol, request):
     assert (wrong_lp - single.logprobs[0]).abs().max() > 3 * atol
 
 
-@pytest.mark.parametrize("which, atol", [("policy_fp32", 1e-4), ("policy", 0.1)])
+@pytest.mark.parametrize("which, atol", [("policy_fp32", 1e-4), ("policy", INT8_BATCH_ATOL)])
 def test_generation_logprobs_match_scoring(which, atol, request):
     """Tokens sampled by the KV-cache loop are scored by the full forward at the same positions and get the same
     log-probs: exact up to float error unquantized; in 8-bit LLM.int8's per-batch outlier columns differ between a

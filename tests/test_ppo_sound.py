@@ -17,9 +17,9 @@ from rlhf.io import read_jsonl
 from rlhf.ppo import core, step
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
-from rlhf.rl import rollout
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
+from rlhf.rl.rollout import Rollout, collect, partition, score
 from rlhf.rl.telemetry import Timer
 from rlhf.runs import Run
 
@@ -39,12 +39,12 @@ def _trainer(merged_run, tmp_path, *overrides: str, model: dict | None = None) -
     return trainer
 
 
-def _scored_rollout(trainer: PPOTrainer, order: torch.Tensor) -> rollout.Rollout:
+def _scored_rollout(trainer: PPOTrainer, order: torch.Tensor) -> Rollout:
     cfg = trainer.cfg
     prompts = trainer.prompts.batch(0, cfg.batch_size)
-    ro = rollout.collect(trainer.policy, trainer.tokenizer, trainer.reward, prompts, cfg.generation, 16, 1, Timer())
-    rollout.score(ro, trainer.policy, rollout.partition(order, micro_batch_size(cfg)), True, Timer())
-    return ro
+    rollout = collect(trainer.policy, trainer.tokenizer, trainer.reward, prompts, cfg.generation, 16, 1, Timer())
+    score(rollout, trainer.policy, partition(order, micro_batch_size(cfg)), True, Timer())
+    return rollout
 
 
 def _nudge_adapter(model, std: float = 0.05) -> None:
@@ -84,14 +84,16 @@ def test_old_logprobs_scored_in_the_update_partition_match_exactly(merged_run, t
     monkeypatch.setattr(trainer.policy, "train", lambda mode=True: train(trainer.policy, False))
     order = torch.randperm(16, generator=torch.Generator().manual_seed(5))
     micro = micro_batch_size(trainer.cfg)
-    ro = _scored_rollout(trainer, order)
+    rollout = _scored_rollout(trainer, order)
     first = order[:micro]
     with torch.no_grad():
-        new = trainer.policy(ro.input_ids[first], ro.attention_mask[first], ro.response.shape[1]).logprobs
-    mask = ro.response_mask[first]
-    same = core.masked_mean((new - ro.logprobs[first]).abs(), mask).item()
-    rollout.score(ro, trainer.policy, rollout.partition(torch.arange(16), 16), True, Timer())
-    other = core.masked_mean((new - ro.logprobs[first]).abs(), mask).item()
+        new = trainer.policy(
+            rollout.input_ids[first], rollout.attention_mask[first], rollout.response.shape[1]
+        ).logprobs
+    mask = rollout.response_mask[first]
+    same = core.masked_mean((new - rollout.logprobs[first]).abs(), mask).item()
+    score(rollout, trainer.policy, partition(torch.arange(16), 16), True, Timer())
+    other = core.masked_mean((new - rollout.logprobs[first]).abs(), mask).item()
     assert same == 0.0
     assert other > 1e-4, "the batch dependence this guards against must show, or the test proves nothing"
 
@@ -181,14 +183,14 @@ def test_gradient_accumulation_gives_the_same_gradient(merged_run, tmp_path):
     )  # fmt: skip
     _nudge_adapter(trainer.model)
     order = torch.randperm(16, generator=torch.Generator().manual_seed(3))
-    ro = _scored_rollout(trainer, order)
-    assert len(set(ro.response_mask.sum(1).tolist())) > 1, "ragged responses, or the token weighting is untested"
+    rollout = _scored_rollout(trainer, order)
+    assert len(set(rollout.response_mask.sum(1).tolist())) > 1, "ragged responses, or the token weighting is untested"
     grads = []
     for accumulation in (1, 2):
         cfg = trainer.cfg.model_copy(update={"gradient_accumulation_steps": accumulation})
         recorder = Recorder(trainer.params)
         opt = Optimisation(trainer.policy, trainer.params, recorder, trainer.parallel)
-        optimise(ro, ro.scores.float(), opt, cfg, 0.1, order, torch.Generator(), Timer())
+        optimise(rollout, rollout.scores.float(), opt, cfg, 0.1, order, torch.Generator(), Timer())
         grads.append(recorder.seen[0])
     for one, two in zip(*grads):
         assert torch.allclose(one, two, rtol=1e-5, atol=1e-7), (one - two).abs().max()
@@ -211,7 +213,7 @@ def test_resume_refuses_changed_settings(merged_run, copy_run, capsys):
     assert "ppo.learning_rate: 0.001 -> 0.0005" in err[0] and "ppo.generation.max_new_tokens: 16 -> 12" in err[0]
     assert "--force" in err[0]
     assert sorted(p.name for p in (run / "ppo").rglob("*")) == before, "nothing written"
-    # Settings that cannot change the trajectory may change; --force accepts the others.
+    # Settings that cannot change the rollout may change; --force accepts the others.
     assert cli(*args, "ppo.max_steps=2", "--resume", "ppo.sample_every=7") == 0
     assert cli(*args, "ppo.max_steps=3", "--resume", "--force", "ppo.learning_rate=0.0005") == 0
     assert [r["step"] for r in read_jsonl(run / "ppo/metrics.jsonl")] == [1, 2, 3]

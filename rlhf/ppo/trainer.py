@@ -23,11 +23,12 @@ from rlhf.errors import UserError
 from rlhf.ppo import core
 from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
 from rlhf.rewards import load_reward
-from rlhf.rl import checkpoint, rollout
+from rlhf.rl import checkpoint
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
 from rlhf.rl.prompts import Prompts, step_seed
+from rlhf.rl.rollout import collect, partition, score
 from rlhf.rl.telemetry import Log, Timer, peak_memory_bytes, progress
 from rlhf.runs import Run
 
@@ -112,25 +113,25 @@ class PPOTrainer:
         seed = step_seed(cfg.seed, self.step, self.rank)
         # 1-2. generate the responses and score their text
         prompts = self.prompts.batch(self.step, cfg.batch_size, self.rank, self.world_size)
-        ro = rollout.collect(
+        rollout = collect(
             self.policy, self.tokenizer, self.reward, prompts, cfg.generation, cfg.rollout_batch_size,
             seed + 7919 * self.retries, self.timer,
         )  # fmt: skip
         # 3. log-probs, values and reference log-probs, in the micro-batches of the first update epoch
         generator = torch.Generator().manual_seed(seed + 1)
         first_order = torch.randperm(cfg.batch_size, generator=generator)
-        rollout.score(ro, self.policy, rollout.partition(first_order, micro_batch_size(cfg)), True, self.timer)
-        if not parallel.all_true(bool(torch.isfinite(ro.scores).all() and torch.isfinite(ro.logprobs).all())):
+        score(rollout, self.policy, partition(first_order, micro_batch_size(cfg)), True, self.timer)
+        if not parallel.all_true(bool(torch.isfinite(rollout.scores).all() and torch.isfinite(rollout.logprobs).all())):
             self._nonfinite("reward or log-probs")
             return None
         # 4-5. rewards, advantages and the clipped updates. Score statistics (ppo.score_norm) are taken over every
         # rank's scores, so all ranks normalise alike and the checkpoint holds one set.
-        all_scores = parallel.gather(ro.scores.float())
-        scores = self.score_transform(all_scores).to(ro.scores.device)
+        all_scores = parallel.gather(rollout.scores.float())
+        scores = self.score_transform(all_scores).to(rollout.scores.device)
         scores = scores[self.rank * cfg.batch_size : (self.rank + 1) * cfg.batch_size]
         kl_coef = self.kl_ctl.value
         opt = Optimisation(self.module, self.params, self.optimizer, parallel)
-        stats = optimise(ro, scores, opt, cfg, kl_coef, first_order, generator, self.timer)
+        stats = optimise(rollout, scores, opt, cfg, kl_coef, first_order, generator, self.timer)
         if stats["applied_minibatches"] == 0:  # every mini-batch was non-finite: nothing was learned
             self._nonfinite("loss or gradient")
             return None
@@ -140,8 +141,8 @@ class PPOTrainer:
         self.kl_ctl.update(stats["kl"], cfg.batch_size * self.world_size)
         self.step += 1
         elapsed = time.perf_counter() - started
-        n_tokens = float(ro.response_mask.sum().item())
-        all_positive = parallel.gather(ro.positive.float().to(all_scores.device))
+        n_tokens = float(rollout.response_mask.sum().item())
+        all_positive = parallel.gather(rollout.positive.float().to(all_scores.device))
         row = {
             "step": self.step,
             "reward_mean": all_scores.mean().item(),
@@ -154,9 +155,9 @@ class PPOTrainer:
             "first_ratio": stats["first_ratio"],
             "first_approx_kl": stats["first_approx_kl"],
             "first_clipfrac": stats["first_clipfrac"],
-            "entropy": core.masked_mean(ro.entropy, ro.response_mask).item(),
-            "distinct_2": parallel.mean(distinct_n(ro.responses, 2)),
-            "response_len": n_tokens / len(ro.prompts),
+            "entropy": core.masked_mean(rollout.entropy, rollout.response_mask).item(),
+            "distinct_2": parallel.mean(distinct_n(rollout.responses, 2)),
+            "response_len": n_tokens / len(rollout.prompts),
             "tokens_per_s": parallel.mean(n_tokens / elapsed) * self.world_size,
             "peak_mem_bytes": peak_memory_bytes(),
             "nonfinite_skipped": self.nonfinite_total,  # batches and mini-batches skipped so far
@@ -165,7 +166,7 @@ class PPOTrainer:
         }
         self.log.metrics(row)
         if self.step % cfg.sample_every == 0 or self.step == 1:
-            self.log.samples(self.step, ro.prompts, ro.responses, ro.scores.tolist())
+            self.log.samples(self.step, rollout.prompts, rollout.responses, rollout.scores.tolist())
         return row
 
     # --- the loop ---
@@ -248,7 +249,7 @@ class PPOTrainer:
         return {"adapter": adapter, "value_head": self.policy.value_head.state_dict()}
 
     def settings(self) -> dict:
-        """What the trajectory depends on; a resume must not change it silently."""
+        """What the rollout depends on; a resume must not change it silently."""
         return {"ppo": self.cfg.model_dump(mode="json"), "reward": self.reward_name}
 
     def save_checkpoint(self) -> None:

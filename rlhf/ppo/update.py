@@ -40,17 +40,19 @@ class Optimisation:
 
 
 def optimise(
-    ro: Rollout, scores: Tensor, opt: Optimisation, cfg: PpoConfig, kl_coef: float, first_order: Tensor,
+    rollout: Rollout, scores: Tensor, opt: Optimisation, cfg: PpoConfig, kl_coef: float, first_order: Tensor,
     generator: torch.Generator, timer: Timer,
 ) -> dict[str, float]:  # fmt: skip
     """Steps 4-5 on a scored rollout. `first_order` is the permutation of the first epoch (the rollout was scored in
     its micro-batches); later epochs draw theirs from `generator`."""
-    mask = ro.response_mask
-    rewards, kl = core.compute_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
-    advantages, returns = core.compute_gae(ro.values, rewards, mask, cfg.gamma, cfg.lam, whiten=cfg.whiten_advantages)
+    mask = rollout.response_mask
+    rewards, kl = core.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+    advantages, returns = core.compute_gae(
+        rollout.values, rewards, mask, cfg.gamma, cfg.lam, whiten=cfg.whiten_advantages
+    )
 
-    n, micro = len(ro.prompts), micro_batch_size(cfg)
-    ids, attn, width_r = ro.input_ids, ro.attention_mask, ro.response.shape[1]
+    n, micro = len(rollout.prompts), micro_batch_size(cfg)
+    ids, attn, width_r = rollout.input_ids, rollout.attention_mask, rollout.response.shape[1]
     stats: dict[str, list[float]] = {k: [] for k in STATS}
     first: dict[str, list[float]] = {"ratio": [], "approx_kl": [], "clipfrac": []}
     t = time.perf_counter()
@@ -58,9 +60,9 @@ def optimise(
     opt.module.train()
     for epoch in range(cfg.ppo_epochs):
         order = first_order if epoch == 0 else torch.randperm(n, generator=generator)
-        for mb_start in range(0, n, cfg.mini_batch_size):
-            batches = partition(order[mb_start : mb_start + cfg.mini_batch_size], micro)
-            tokens = mask[order[mb_start : mb_start + cfg.mini_batch_size].to(mask.device)].sum()
+        for start in range(0, n, cfg.mini_batch_size):
+            batches = partition(order[start : start + cfg.mini_batch_size], micro)
+            tokens = mask[order[start : start + cfg.mini_batch_size].to(mask.device)].sum()
             opt.optimizer.zero_grad(set_to_none=True)
             finite = True
             for i, idx in enumerate(batches):
@@ -68,8 +70,12 @@ def optimise(
                 with opt.parallel.no_sync(opt.module, sync=i == len(batches) - 1):
                     out = opt.module(ids[idx], attn[idx], width_r, values=True)
                     m = mask[idx]
-                    pg, pg_stats = core.policy_loss(out.logprobs, ro.logprobs[idx], advantages[idx], m, cfg.cliprange)
-                    vf, vf_stats = core.value_loss(out.values, ro.values[idx], returns[idx], m, cfg.cliprange_value)
+                    pg, pg_stats = core.policy_loss(
+                        out.logprobs, rollout.logprobs[idx], advantages[idx], m, cfg.cliprange
+                    )
+                    vf, vf_stats = core.value_loss(
+                        out.values, rollout.values[idx], returns[idx], m, cfg.cliprange_value
+                    )
                     # Each micro-batch's token mean, weighted by its share of the mini-batch's tokens: the sum is
                     # the mini-batch's token mean, so any gradient_accumulation_steps gives the same gradient.
                     loss = (pg + cfg.vf_coef * vf) * (m.sum() / tokens)
@@ -83,7 +89,7 @@ def optimise(
                 stats["vf_clipfrac"].append(vf_stats["vf_clipfrac"].item())
                 for key in ("clipfrac", "approx_kl", "ratio"):
                     stats[key].append(pg_stats[key].item())
-                    if epoch == 0 and mb_start == 0:
+                    if epoch == 0 and start == 0:
                         first[key].append(pg_stats[key].item())
             if finite:
                 # After DDP's all-reduce every rank holds the same gradients, so the norm agrees; all_true anyway, a

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import GenerationConfig
-from rlhf.rl import rollout
 from rlhf.rl.policy import Policy
 from rlhf.rl.prompts import Prompts
+from rlhf.rl.rollout import collect, partition, score
 from rlhf.rl.telemetry import Timer
 
 
@@ -40,15 +40,17 @@ def evaluate(
         return {}
     batch = prompts.batch(0, len(texts))
     timer = Timer()
-    ro = rollout.collect(policy, tokenizer, reward, batch, gen, rollout_batch_size, seed, timer)
+    rollout = collect(policy, tokenizer, reward, batch, gen, rollout_batch_size, seed, timer)
     order = torch.arange(len(batch))
-    rollout.score(ro, policy, rollout.partition(order, rollout_batch_size), values=False, timer=timer)
-    kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1)
+    score(rollout, policy, partition(order, rollout_batch_size), values=False, timer=timer)
+    kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(1)
     reward_stats = hf_evaluate.load(str(metric_path("reward_stats")))
-    stats = reward_stats.compute(predictions=ro.scores.tolist(), references=[int(p) for p in ro.positive.tolist()])
+    stats = reward_stats.compute(
+        predictions=rollout.scores.tolist(), references=[int(p) for p in rollout.positive.tolist()]
+    )
     token_perplexity = hf_evaluate.load(str(metric_path("token_perplexity")))
-    diversity = hf_evaluate.load(str(metric_path("diversity"))).compute(predictions=ro.responses)
-    response_nll = -(ro.ref_logprobs * ro.response_mask).sum(1)
+    diversity = hf_evaluate.load(str(metric_path("diversity"))).compute(predictions=rollout.responses)
+    response_nll = -(rollout.ref_logprobs * rollout.response_mask).sum(1)
     return {
         "reward": stats["mean_reward"],
         "positive_rate": stats["positive_rate"],
@@ -57,12 +59,12 @@ def evaluate(
         "distinct_2": diversity["distinct_2"],
         "repetition": diversity["repetition"],
         "response_perplexity": token_perplexity.compute(
-            predictions=response_nll.tolist(), references=ro.response_mask.sum(1).tolist()
+            predictions=response_nll.tolist(), references=rollout.response_mask.sum(1).tolist()
         )["perplexity"],
         "perplexity": perplexity(policy, tokenizer, texts, token_perplexity),
         "samples": [
             {"prompt": p, "response": r, "reward": s}
-            for p, r, s in zip(ro.prompts[:8], ro.responses[:8], ro.scores[:8].tolist())
+            for p, r, s in zip(rollout.prompts[:8], rollout.responses[:8], rollout.scores[:8].tolist())
         ],
     }
 

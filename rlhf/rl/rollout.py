@@ -127,7 +127,7 @@ def partition(order: Tensor, size: int) -> list[Tensor]:
 
 
 @torch.no_grad()
-def score(ro: Rollout, policy: Policy, batches: list[Tensor], values: bool, timer: Timer) -> None:
+def score(rollout: Rollout, policy: Policy, batches: list[Tensor], values: bool, timer: Timer) -> None:
     """Step 3: fill the rollout's policy and reference log-probs (and values, entropy), batch by batch.
 
     `batches` should be the micro-batches of the first update epoch: LLM.int8 picks its fp16 outlier columns per batch,
@@ -136,7 +136,7 @@ def score(ro: Rollout, policy: Policy, batches: list[Tensor], values: bool, time
     the first mini-batch starts at exactly 1.
     """
     t = time.perf_counter()
-    ids, mask, width_r = ro.input_ids, ro.attention_mask, ro.response.shape[1]
+    ids, mask, width_r = rollout.input_ids, rollout.attention_mask, rollout.response.shape[1]
     n = ids.shape[0]
     logprobs = torch.zeros(n, width_r, device=ids.device)
     ref_logprobs, entropy = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
@@ -150,5 +150,5 @@ def score(ro: Rollout, policy: Policy, batches: list[Tensor], values: bool, time
         logprobs[idx], entropy[idx], ref_logprobs[idx] = own.logprobs, own.entropy, ref.logprobs
         if values:
             vals[idx] = own.values
-    ro.logprobs, ro.ref_logprobs, ro.values, ro.entropy = logprobs, ref_logprobs, vals, entropy
+    rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.entropy = logprobs, ref_logprobs, vals, entropy
     timer.add("forward", t)
