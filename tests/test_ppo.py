@@ -104,7 +104,7 @@ def test_generation_logprobs_match_scoring(which, atol, request):
         # Control: scored one position off, the log-probs are far apart, so the comparison can fail.
         shifted = pol.score(full[:, :-1], full_mask[:, :-1], 6, values=False).logprobs
     assert torch.allclose(generated, scored, atol=atol), (generated - scored).abs().max()
-    assert (shifted - generated).abs().max() > 10 * atol
+    assert (shifted - generated).abs().max() > 1.0  # nats: far beyond either tolerance
 
 
 def test_stop_at_eos_masks_what_follows(policy_fp32):
