@@ -141,6 +141,9 @@ class PpoConfig(Section):
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
+    entropy_coef: float = Field(
+        0.0, ge=0, description="bonus on the policy's mean token entropy in the loss: keeps responses varied"
+    )
     whiten_advantages: bool = True
     score_clip: float | None = Field(None, gt=0)
     score_scale: float = 1.0

@@ -176,7 +176,7 @@ class Recorder(torch.optim.SGD):
 
 def test_gradient_accumulation_gives_the_same_gradient(merged_run, tmp_path):
     """One mini-batch of 16 in one micro-batch, or in 2 x 8 with ragged responses: the same gradient (unquantized,
-    so float error is all that differs)."""
+    so float error is all that differs). And the entropy bonus adds exactly its own term's gradient."""
     trainer = _trainer(
         merged_run, tmp_path, "ppo.mini_batch_size=16", "ppo.generation.stop_at_eos=true",
         model={"quantization": "none", "dtype": "float32"},
@@ -194,6 +194,20 @@ def test_gradient_accumulation_gives_the_same_gradient(merged_run, tmp_path):
         grads.append(recorder.seen[0])
     for one, two in zip(*grads):
         assert torch.allclose(one, two, rtol=1e-5, atol=1e-7), (one - two).abs().max()
+
+    # ppo.entropy_coef adds -coef x (token-mean entropy) to the loss: its gradient is exactly that term's.
+    coef = 0.5
+    cfg = trainer.cfg.model_copy(update={"entropy_coef": coef})
+    recorder = Recorder(trainer.params)
+    optimise(rollout, rollout.scores.float(), Optimisation(trainer.policy, trainer.params, recorder, trainer.parallel),
+             cfg, 0.1, order, torch.Generator(), Timer())  # fmt: skip
+    out = trainer.policy(rollout.input_ids, rollout.attention_mask, rollout.response.shape[1], entropy=True)
+    entropy = core.masked_mean(out.entropy, rollout.response_mask)
+    expected = torch.autograd.grad(-coef * entropy, trainer.params, allow_unused=True)
+    for with_bonus, without, term in zip(recorder.seen[0], grads[0], expected):
+        term = torch.zeros_like(without) if term is None else term
+        assert torch.allclose(with_bonus - without, term, rtol=1e-4, atol=1e-7)
+    assert any(t is not None and t.abs().max() > 0 for t in expected), "the bonus reaches the adapter"
 
 
 # --- resume -----------------------------------------------------------------------------------------------------

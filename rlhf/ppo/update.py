@@ -68,7 +68,7 @@ def optimise(
             for i, idx in enumerate(batches):
                 idx = idx.to(ids.device)
                 with opt.parallel.no_sync(opt.module, sync=i == len(batches) - 1):
-                    out = opt.module(ids[idx], attn[idx], width_r, values=True)
+                    out = opt.module(ids[idx], attn[idx], width_r, values=True, entropy=cfg.entropy_coef > 0)
                     m = mask[idx]
                     pg, pg_stats = core.policy_loss(
                         out.logprobs, rollout.logprobs[idx], advantages[idx], m, cfg.cliprange
@@ -76,9 +76,12 @@ def optimise(
                     vf, vf_stats = core.value_loss(
                         out.values, rollout.values[idx], returns[idx], m, cfg.cliprange_value
                     )
+                    loss = pg + cfg.vf_coef * vf
+                    if cfg.entropy_coef > 0:  # a bonus: higher entropy lowers the loss
+                        loss = loss - cfg.entropy_coef * core.masked_mean(out.entropy, m)
                     # Each micro-batch's token mean, weighted by its share of the mini-batch's tokens: the sum is
                     # the mini-batch's token mean, so any gradient_accumulation_steps gives the same gradient.
-                    loss = (pg + cfg.vf_coef * vf) * (m.sum() / tokens)
+                    loss = loss * (m.sum() / tokens)
                     # Decided together before any backward: DDP's all-reduce in the last backward needs every rank.
                     finite = opt.parallel.all_true(bool(torch.isfinite(loss)))
                     if not finite:

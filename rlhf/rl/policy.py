@@ -125,10 +125,8 @@ class Policy(nn.Module):
             logits = logits / self.temperature
         response = input_ids[:, -n_response:]
         logprobs = logprobs_from_logits(logits, response)
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                ent = entropy_from_logits(logits)
+        # Differentiable where grad is on (an entropy bonus); rollout scoring runs under no_grad.
+        ent = entropy_from_logits(logits) if entropy else None
         vals = self.value_head(self._hidden[:, :-1]) if values and self.value_head is not None else None
         self._hidden = None
         return Scored(logprobs, vals, ent)
