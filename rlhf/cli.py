@@ -395,6 +395,7 @@ def quiet_libraries() -> None:
     for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     libraries = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "evaluate", "torch", "trl")
     for library in libraries:
         warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
@@ -403,6 +404,8 @@ def quiet_libraries() -> None:
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.set_verbosity_error()
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.logging.set_verbosity_error()
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
 

@@ -283,3 +283,23 @@ def test_diversity_floor_guard():
     assert PPOTrainer._guard(trainer, {"step": 2, "kl": 3.0, "distinct_2": 0.49}) is None  # 0.49 > 0.8 x 0.60
     reason = PPOTrainer._guard(trainer, {"step": 3, "kl": 3.0, "distinct_2": 0.47})
     assert reason and "distinct-2 fell to 0.47" in reason and "0.60 (step 1)" in reason
+
+
+# --- the terminal -----------------------------------------------------------------------------------------------
+
+
+def test_library_noise_stays_out_of_the_terminal(merged_run, copy_run):
+    """A fresh process (as a user runs it): the libraries' deprecation warnings, info logs and loading bars stay out of
+    stderr; rlhf's own lines remain."""
+    import os
+    import subprocess
+    import sys
+
+    run = copy_run(merged_run)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "rlhf", "ppo", "--run", str(run), *SMALL, "ppo.max_steps=1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("Warning", "warn(", "Loading weights", "Repo card", "deprecated"):
+        assert noise not in done.stderr, (noise, done.stderr[-3000:])
+    assert "ppo: before: reward" in done.stderr and "ppo: done" in done.stdout
