@@ -8,7 +8,7 @@ value is an error that names the key, the section and what is allowed, and every
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,6 +122,7 @@ class GenerationConfig(Section):
 
 
 class PpoConfig(Section):
+    section: ClassVar[str] = "ppo"  # the recipe key, for messages that name a setting
     batch_size: int = Field(256, ge=1, description="prompts per PPO step")
     mini_batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
