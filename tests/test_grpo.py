@@ -104,3 +104,16 @@ def test_reward_rises(merged_run, copy_run):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.5, rewards
     ev = json.loads((run / "grpo/eval.json").read_text())
     assert ev["reward_after"] > ev["reward_before"] + 0.5 and ev["positive_rate_after"] > ev["positive_rate_before"]
+
+
+def test_over_optimisation_guards_name_grpo_settings():
+    """PPO's early stops (KL ceiling, diversity floor) guard GRPO too, and say which setting fired."""
+    from types import SimpleNamespace
+
+    from rlhf.config import GrpoConfig
+    from rlhf.grpo.trainer import GRPOTrainer
+
+    trainer = SimpleNamespace(cfg=GrpoConfig(kl_ceiling=5.0, diversity_floor=0.5))
+    assert GRPOTrainer._guard(trainer, {"step": 1, "kl": 0.0, "distinct_2": 0.6}) is None
+    assert "grpo.kl_ceiling 5" in GRPOTrainer._guard(trainer, {"step": 2, "kl": 6.0, "distinct_2": 0.6})
+    assert "grpo.diversity_floor 0.5" in GRPOTrainer._guard(trainer, {"step": 3, "kl": 1.0, "distinct_2": 0.2})
