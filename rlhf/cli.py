@@ -74,7 +74,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="rlhf",
-        description="RLHF-tune a large language model on one GPU: sft -> merge -> ppo, with a memory budget first.",
+        description="RLHF-tune a large language model on one GPU: sft -> merge -> ppo (or grpo), with a memory budget "
+        "first.",
         epilog="Start with `rlhf quickstart` (offline, minutes on a CPU). Exit codes: 2 bad input, 3 does not fit.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -107,10 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_train(p)
 
+    p = sub.add_parser(
+        "grpo",
+        help="step 3, critic-free: GRPO or RLOO on the merged model, no value head",
+        description="Critic-free RL after `rlhf merge`: each prompt is sampled grpo.group_size times and each sample's "
+        "advantage is its reward against the others of its group (grpo.advantage=grpo|rloo); the reference is the "
+        "merged model with the adapter off, its KL in the loss or the reward (grpo.kl_in, grpo.beta).",
+        epilog=EPILOG_OVERRIDES,
+    )
+    _add_recipe(p)
+    p.add_argument(
+        "--reward", metavar="NAME|PATH", help="a reward_models/NAME.yaml or a path to one (default: the recipe's)"
+    )
+    _add_common_train(p)
+
     p = sub.add_parser("budget", help="predict memory, component by component, and say whether it fits")
     _add_recipe(p)
     p.add_argument("--model", metavar="ALIAS|HUB_ID|PATH", help="a recipe alias, a hub id or a local dir")
-    p.add_argument("--step", default="all", choices=["sft", "merge", "ppo", "all"], help="which step (default all)")
+    p.add_argument(
+        "--step", default="all", choices=["sft", "merge", "ppo", "grpo", "all"], help="which step (default all)"
+    )
     _add_gpu(p)
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of the table")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
@@ -123,9 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
     p = sub.add_parser(
-        "quickstart", help="the whole flow offline on tiny models: budget, sft, merge, ppo, eval, report"
+        "quickstart", help="the whole flow offline on tiny models: budget, sft, merge, ppo (or grpo), eval, report"
     )
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/quickstart-<time>)")
+    p.add_argument(
+        "--algo", default="ppo", choices=["ppo", "grpo"], help="the RL step: ppo (value head) or grpo (critic-free)"
+    )
     p.add_argument("--force", action="store_true", help="reuse a run directory that holds a quickstart run")
 
     p = sub.add_parser("report", help="write RUN/report.md and its plots for a run")
@@ -257,6 +277,24 @@ def cmd_ppo(args) -> int:
     return 0
 
 
+def cmd_grpo(args) -> int:
+    from rlhf import budget
+    from rlhf.grpo import step
+
+    run, recipe = run_recipe(args, "train with GRPO")
+    if args.auto_fit:
+        recipe = budget.auto_fit(recipe, "grpo", args.gpu)
+
+    def attempt(recipe, retry: bool) -> None:
+        resume = args.resume or (retry and any(run.grpo_checkpoints.glob("step-*")))
+        step.run(
+            recipe, run, reward=args.reward, resume=resume, force=args.force or (retry and not resume), gpu=args.gpu
+        )
+
+    _retry_on_oom("grpo", recipe, args, attempt)
+    return 0
+
+
 def _retry_on_oom(step: str, recipe, args, attempt) -> None:
     """Run `attempt(recipe, retry=False)`. On CUDA out-of-memory print this step's budget with the changes that shrink
     it, instead of a traceback; with --auto-fit retry once with the micro-batch halved (same effective batch)."""
@@ -333,15 +371,18 @@ def _halved(step: str, recipe):
         update = {"batch_size": batch, "gradient_accumulation_steps": effective // batch}
         recipe = recipe.model_copy(update={"sft": cfg.model_copy(update=update)})
         return recipe, f"sft.batch_size={batch} sft.gradient_accumulation_steps={effective // batch}"
-    cfg = recipe.ppo
+    cfg = getattr(recipe, step)  # ppo or grpo
+    sequences = cfg.batch_size * getattr(cfg, "group_size", 1)
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     if micro < 2 and cfg.rollout_batch_size < 2:
         return None
     micro = largest_divisor(cfg.mini_batch_size, micro // 2)
-    rollout = largest_divisor(cfg.batch_size, min(cfg.rollout_batch_size, cfg.batch_size) // 2)
+    rollout = largest_divisor(sequences, min(cfg.rollout_batch_size, sequences) // 2)
     update = {"gradient_accumulation_steps": cfg.mini_batch_size // micro, "rollout_batch_size": rollout}
-    recipe = recipe.model_copy(update={"ppo": cfg.model_copy(update=update)})
-    return recipe, f"ppo.gradient_accumulation_steps={cfg.mini_batch_size // micro} ppo.rollout_batch_size={rollout}"
+    recipe = recipe.model_copy(update={step: cfg.model_copy(update=update)})
+    return recipe, (
+        f"{step}.gradient_accumulation_steps={cfg.mini_batch_size // micro} {step}.rollout_batch_size={rollout}"
+    )
 
 
 def cmd_budget(args) -> int:
@@ -362,7 +403,7 @@ def cmd_preview(args) -> int:
 def cmd_quickstart(args) -> int:
     from rlhf import quickstart
 
-    return quickstart.main(args.run, force=args.force)
+    return quickstart.main(args.run, force=args.force, algo=args.algo)
 
 
 def cmd_report(args) -> int:
@@ -378,6 +419,7 @@ COMMANDS = {
     "sft": cmd_sft,
     "merge": cmd_merge,
     "ppo": cmd_ppo,
+    "grpo": cmd_grpo,
     "budget": cmd_budget,
     "preview": cmd_preview,
     "quickstart": cmd_quickstart,

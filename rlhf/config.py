@@ -8,7 +8,7 @@ value is an error that names the key, the section and what is allowed, and every
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,6 +122,7 @@ class GenerationConfig(Section):
 
 
 class PpoConfig(Section):
+    section: ClassVar[str] = "ppo"  # the recipe key, for messages that name a setting
     batch_size: int = Field(256, ge=1, description="prompts per PPO step")
     mini_batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
@@ -193,6 +194,88 @@ class PpoConfig(Section):
         return self
 
 
+class GrpoConfig(Section):
+    """Critic-free RL (`rlhf grpo`): each prompt is sampled `group_size` times and each sample's advantage is its score
+    against the others of its group, so no value head is trained."""
+
+    section: ClassVar[str] = "grpo"
+    group_size: int = Field(8, ge=1, description="samples per prompt; the group is each sample's baseline")
+    advantage: Literal["grpo", "rloo"] = Field(
+        "grpo", description="grpo: (score - group mean) / group std; rloo: score - mean of the other samples"
+    )
+    beta: float = Field(0.04, ge=0, description="coefficient of KL(policy || reference); 0: no KL term")
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss", description="loss: beta x k3 per token in the loss (GRPO); reward: score - beta x KL (RLOO)"
+    )
+    batch_size: int = Field(32, ge=1, description="prompts per step (x group_size sequences)")
+    mini_batch_size: int = Field(64, ge=1, description="sequences per optimizer step")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per mini-batch")
+    rollout_batch_size: int = Field(64, ge=1, description="sequences generated and scored at once (memory)")
+    epochs: int = Field(1, ge=1, description="passes over each step's samples; the clipped ratio acts after the first")
+    cliprange: float = Field(0.2, gt=0)
+    learning_rate: float = Field(1.41e-5, gt=0)
+    optimizer: Literal["adam", "adam_8bit"] = "adam"
+    max_grad_norm: float | None = Field(None, gt=0)
+    max_steps: int = Field(100, ge=1, description="steps (batches of prompts)")
+    prompt_min_tokens: int = Field(2, ge=1)
+    prompt_max_tokens: int = Field(8, ge=1)
+    prompt_min_chars: int = Field(200, ge=0, description="only documents longer than this become prompts")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(dropout=0.0))
+    gradient_checkpointing: bool = True
+    save_steps: int = Field(10, ge=1)
+    sample_every: int = Field(5, ge=1)
+    eval_prompts: int = Field(64, ge=0)
+    nonfinite_patience: int = Field(3, ge=1, description="stop after this many non-finite batches in a row")
+    # Guards against reward over-optimisation, as PPO's: stop early, keeping the last checkpoint saved before.
+    kl_ceiling: float | None = Field(None, gt=0, description="stop when a step's mean KL to the reference passes this")
+    diversity_floor: float | None = Field(
+        None, gt=0, le=1, description="stop when a step's distinct-2 falls below this share of the first step's"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _groups(self) -> GrpoConfig:
+        problems = []
+        if self.group_size < 2:
+            baseline = {
+                "grpo": "each sample is measured against the mean and spread of its prompt's group",
+                "rloo": "each sample's baseline is the mean of the other samples of its prompt",
+            }[self.advantage]
+            problems.append(
+                f"group_size ({self.group_size}) must be at least 2 with advantage={self.advantage}: {baseline}, "
+                f"and a group of one has none (try group_size=4)"
+            )
+        sequences = self.batch_size * self.group_size
+        if self.mini_batch_size > sequences:
+            problems.append(
+                f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size x group_size "
+                f"({self.batch_size} x {self.group_size} = {sequences} sequences)"
+            )
+        elif sequences % self.mini_batch_size:
+            problems.append(
+                f"batch_size x group_size ({self.batch_size} x {self.group_size} = {sequences} sequences) must be "
+                f"exactly divisible by mini_batch_size ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            problems.append(
+                f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        if self.prompt_min_tokens > self.prompt_max_tokens:
+            problems.append(
+                f"prompt_min_tokens ({self.prompt_min_tokens}) must be <= prompt_max_tokens ({self.prompt_max_tokens})"
+            )
+        if self.lora.dropout > 0:
+            problems.append(
+                f"lora.dropout ({self.lora.dropout}) must be 0: GRPO scores its old log-probs and the reference with "
+                f"the model in train mode, and dropout would make them random samples"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class RewardConfig(Section):
     name: str = Field("imdb-sentiment", description="a reward_models/NAME.yaml or a path to such a file")
 
@@ -210,6 +293,7 @@ class Recipe(Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     ppo: PpoConfig = Field(default_factory=PpoConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
 

@@ -1,7 +1,8 @@
 """`rlhf quickstart`: the whole flow on the embedded offline default, through exactly the code of the real commands.
 
-fixtures -> sft -> merge -> ppo (with its evaluation before and after) -> report, each step printing its memory
-budget first. Tiny stand-ins for gpt-neox-20b, IMDB and distilbert-imdb make it run on a laptop CPU in minutes.
+fixtures -> sft -> merge -> ppo (or, with --algo grpo, grpo) with its evaluation before and after -> report, each
+step printing its memory budget first. Tiny stand-ins for gpt-neox-20b, IMDB and distilbert-imdb make it run on a
+laptop CPU in minutes.
 """
 
 from __future__ import annotations
@@ -19,16 +20,23 @@ The same flow on gpt-neox-20b with a 24 GB GPU (check the fit first):
   rlhf budget --model gpt-neox-20b --gpu 24GiB
   rlhf sft --model gpt-neox-20b
   rlhf merge
-  rlhf ppo --reward imdb-sentiment"""
+  rlhf {algo} --reward imdb-sentiment"""
 
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", file=sys.stderr, flush=True)
 
 
-def main(run_dir: str | None = None, force: bool = False) -> int:
+STEP_BANNER = {
+    "ppo": "rlhf ppo --reward quickstart-sentiment (second LoRA + value head, reference = adapter disabled)",
+    "grpo": "rlhf grpo --reward quickstart-sentiment (second LoRA, groups of samples per prompt, no value head)",
+}
+
+
+def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo") -> int:
     from rlhf import merge, report, sft
     from rlhf.fixtures import ensure_fixtures
+    from rlhf.grpo import step as grpo
     from rlhf.ppo import step as ppo
 
     started = time.time()
@@ -54,10 +62,11 @@ def main(run_dir: str | None = None, force: bool = False) -> int:
     merge.run(str(run.root), force=force)
     timings["merge"] = time.time() - t
 
-    _banner("4/5 rlhf ppo --reward quickstart-sentiment (second LoRA + value head, reference = adapter disabled)")
+    _banner(f"4/5 {STEP_BANNER[algo]}")
     t = time.time()
-    result = ppo.run(recipe, run, reward="quickstart-sentiment", force=force)
-    timings["ppo"] = time.time() - t
+    rl_step = {"ppo": ppo, "grpo": grpo}[algo]
+    result = rl_step.run(recipe, run, reward="quickstart-sentiment", force=force)
+    timings[algo] = time.time() - t
 
     _banner("5/5 report")
     t = time.time()
@@ -77,7 +86,7 @@ def main(run_dir: str | None = None, force: bool = False) -> int:
             f"  KL to reference {ev['kl_after']:.2f} nats; perplexity {ev['perplexity_before']:.2f} -> "
             f"{ev['perplexity_after']:.2f}"
         )
-    print(f"  artifacts: {run.root}/ (sft/adapter, merged/, ppo/adapter, ppo/eval.json)")
+    print(f"  artifacts: {run.root}/ (sft/adapter, merged/, {algo}/adapter, {algo}/eval.json)")
     print(f"  report:    {report_path}")
-    print(REAL_FLOW)
+    print(REAL_FLOW.format(algo=algo))
     return 0

@@ -177,8 +177,9 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _recipe_section(run: Run) -> tuple[list[str], Recipe | None]:
-    """Lines naming the recipe, model, data and reward; and the recipe, when it can be read."""
+def _recipe_section(run: Run, steps: list[str]) -> tuple[list[str], Recipe | None]:
+    """Lines naming the recipe, model, data, reward and the settings of each of `steps`; and the recipe, when it can
+    be read."""
     if not run.recipe_path.is_file():
         return ["- recipe: unknown (no recipe.yaml in the run)"], None
     try:
@@ -193,9 +194,22 @@ def _recipe_section(run: Run) -> tuple[list[str], Recipe | None]:
         f"alpha={recipe.lora.alpha:g} on {_sft_targets(run, recipe)}",
         f"- data: `{recipe.data.dataset}` (train split `{recipe.data.train_split}`, "
         f"held-out split `{recipe.data.eval_split}`)",
-        f"- reward: `{recipe.reward.name}`; PPO batch {ppo.batch_size}, mini-batch {ppo.mini_batch_size}, "
-        f"{ppo.ppo_epochs} PPO epochs, learning rate {ppo.learning_rate:g}, {kl}",
-    ], recipe
+        f"- reward: `{recipe.reward.name}`",
+        *(
+            [f"- PPO: batch {ppo.batch_size}, mini-batch {ppo.mini_batch_size}, {ppo.ppo_epochs} PPO epochs, "
+             f"learning rate {ppo.learning_rate:g}, {kl}"] if "ppo" in steps else []
+        ),
+        *([_grpo_line(recipe)] if "grpo" in steps else []),
+    ], recipe  # fmt: skip
+
+
+def _grpo_line(recipe: Recipe) -> str:
+    g = recipe.grpo
+    return (
+        f"- GRPO: {g.batch_size} prompts x {g.group_size} samples, {g.advantage} advantages, mini-batch "
+        f"{g.mini_batch_size}, {g.epochs} epochs, learning rate {g.learning_rate:g}, KL coefficient {g.beta:g} in the "
+        f"{g.kl_in}"
+    )
 
 
 def _sft_targets(run: Run, recipe: Recipe) -> str:
@@ -418,7 +432,7 @@ def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
     if not run.recipe_path.is_file() and not sft_rows and not any(policy_rows.values()) and not any(evals.values()):
         raise UserError(f"{run.root} holds no rlhf run (no recipe.yaml, no metrics); nothing to report")
 
-    recipe_lines, recipe = _recipe_section(run)
+    recipe_lines, recipe = _recipe_section(run, steps)
     lines = [
         f"# rlhf run report: {run.root.name}",
         "",

@@ -16,6 +16,7 @@ from rlhf.budget import moments, peak
 from rlhf.config import (
     BudgetConfig,
     GenerationConfig,
+    GrpoConfig,
     LoraConfig,
     ModelConfig,
     PpoConfig,
@@ -71,6 +72,18 @@ def small_recipe(path, **sft) -> Recipe:
             mini_batch_size=8,
             gradient_accumulation_steps=8,
             rollout_batch_size=64,
+            prompt_min_tokens=4,
+            prompt_max_tokens=4,
+            generation=GenerationConfig(min_new_tokens=8, max_new_tokens=8),
+            lora=LoraConfig(rank=8, alpha=16, dropout=0.0, target_modules=["query_key_value"]),
+        ),
+        # PPO's shapes with 8 prompts x 8 samples for its 64 sequences
+        grpo=GrpoConfig(
+            batch_size=8,
+            group_size=8,
+            mini_batch_size=8,
+            gradient_accumulation_steps=8,
+            rollout_batch_size=128,
             prompt_min_tokens=4,
             prompt_max_tokens=4,
             generation=GenerationConfig(min_new_tokens=8, max_new_tokens=8),
@@ -223,6 +236,26 @@ def test_ppo_components_by_hand(small_dir):
     assert est.total_bytes == max(est.moment_totals.values()) == sum(est.components.values())
 
 
+def test_grpo_components_by_hand(small_dir):
+    """GRPO generates batch_size x group_size sequences, rollout_batch_size at a time (here all 64: the rollout setting
+    of 128 is more than a step has), and holds no value head: PPO's moments less the head and what it reads."""
+    grpo = budget.estimate(small_recipe(small_dir), "grpo", 24 * GiB, CPU_REWARD)
+    ppo = budget.estimate(small_recipe(small_dir), "ppo", 24 * GiB, CPU_REWARD)
+    c = grpo.moments["generation (KV cache)"]
+    assert c["kv_cache"] == 2 * 2 * 4 * 16 * (4 + 8) * 64 * 2  # 64 sequences, as PPO's batch of 64
+    assert c["optimizer"] == 8 * 2 * 8 * (64 + 192)  # Adam over the LoRA alone
+    assert all(m["value_head"] == 0 for m in grpo.moments.values())
+    head = ("value_head", "optimizer", "gradients", "overhead")  # what the value head adds to, in PPO
+    for name, parts in grpo.moments.items():
+        assert {k: v for k, v in parts.items() if k not in head} == {
+            k: v for k, v in ppo.moments[name].items() if k not in head
+        }, name
+    update = "update (backward)"
+    assert ppo.moments[update]["gradients"] - grpo.moments[update]["gradients"] == 4 * (64 + 1)
+    assert grpo.total_bytes < ppo.total_bytes
+    assert "8 prompts x 8 samples" in grpo.settings
+
+
 def test_reward_model_on_the_gpu_counts_its_weights(small_dir):
     on_gpu = budget.estimate(small_recipe(small_dir), "ppo", 24 * GiB, {**CPU_REWARD, "device": "auto"})
     weights = 4 * 66_955_010  # fp32, as lvwerra/distilbert-imdb's checkpoint
@@ -233,14 +266,14 @@ def test_reward_model_on_the_gpu_counts_its_weights(small_dir):
 # --- totals, verdict, JSON --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", ["sft", "ppo", "merge"])
+@pytest.mark.parametrize("step", ["sft", "ppo", "grpo", "merge"])
 def test_total_is_the_sum_of_components(small_dir, step):
     est = budget.estimate(small_recipe(small_dir), step, 24 * GiB, CPU_REWARD)
     data = est.to_json()
     assert data["total_bytes"] == sum(data["components"].values())
 
 
-@pytest.mark.parametrize("step", ["sft", "ppo"])
+@pytest.mark.parametrize("step", ["sft", "ppo", "grpo"])
 def test_verdict_flips_at_the_boundary(small_dir, step):
     total = budget.estimate(small_recipe(small_dir), step, 24 * GiB, CPU_REWARD).total_bytes
     assert budget.estimate(small_recipe(small_dir), step, total, CPU_REWARD).fits
@@ -270,7 +303,7 @@ def test_json_shape_matches_the_contract(small_dir, capsys):
     recipe = small_recipe(small_dir).model_copy(update={"budget": BudgetConfig(gpu="24GiB")})
     assert budget.main(recipe, "all", None, as_json=True) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [d["step"] for d in printed] == ["sft", "merge", "ppo"]
+    assert [d["step"] for d in printed] == ["sft", "merge", "ppo", "grpo"]
     assert budget.main(recipe, "sft", "12GiB", as_json=True) == 0
     assert json.loads(capsys.readouterr().out)["device_bytes"] == 12 * GiB
 
@@ -313,7 +346,7 @@ def check_fits_24gib(recipe: Recipe, step: str) -> None:
     assert data["fits"] and data["total_bytes"] <= 24 * GiB
 
 
-@pytest.mark.parametrize("step", ["sft", "ppo"])
+@pytest.mark.parametrize("step", ["sft", "ppo", "grpo"])
 def test_gpt_neox_20b_fits_24gib(neox20b, step):
     # rlhf checkpoints reentrantly (modeling.CHECKPOINT_KWARGS), which frees bitsandbytes' int8 matmul inputs.
     assert budget.checkpoint_reentrant()
@@ -363,6 +396,18 @@ def test_gpt_neox_20b_ppo_at_12gib_ranks_reestimated_suggestions(neox20b):
     assert "does NOT fit" in table and ranked[0].text in table
 
 
+def test_gpt_neox_20b_grpo_at_12gib_suggests_its_own_keys(neox20b):
+    est = budget.estimate(neox20b, "grpo", 12 * GiB)
+    ranked = budget.suggest(est)
+    assert not est.fits and ranked and ranked[0].fits
+    keys = {c.key for s in ranked for c in s.changes}
+    assert "grpo.rollout_batch_size" in keys and not any(k.startswith("ppo.") for k in keys)
+    recipe, spec = budget.apply_changes(neox20b, est.reward_spec, ranked[0].changes)
+    assert budget.estimate(recipe, "grpo", 12 * GiB, spec).fits
+    with pytest.raises(DoesNotFit):
+        budget.preflight(neox20b, "grpo", "12GiB", force=False, out=io.StringIO())
+
+
 def test_gpt_neox_20b_merge_is_ram_and_disk(neox20b):
     est = budget.estimate(neox20b, "merge", 64 * GiB, disk_path=".")
     assert est.disk_bytes == 2 * NEOX_20B  # fp16 shards
@@ -409,3 +454,6 @@ def test_auto_fit_keeps_the_effective_batch(small_dir, monkeypatch):
     fitted = budget.auto_fit(recipe, "ppo", "1TiB")
     assert fitted.ppo.mini_batch_size == recipe.ppo.mini_batch_size
     assert fitted.ppo.gradient_accumulation_steps == 1  # micro-batch = the whole mini-batch when it fits
+    fitted = budget.auto_fit(recipe, "grpo", "1TiB")
+    assert fitted.grpo.mini_batch_size == recipe.grpo.mini_batch_size and fitted.grpo.gradient_accumulation_steps == 1
+    assert fitted.grpo.rollout_batch_size == 64  # every sequence of a step (8 prompts x 8 samples) at once

@@ -12,9 +12,10 @@ COMMANDS = {
     "sft": ["--recipe", "--model", "--dataset", "--run", "--gpu", "--resume", "--force", "--auto-fit"],
     "merge": ["--run", "--dtype", "--adapters", "--weights", "--method", "--force"],
     "ppo": ["--recipe", "--reward", "--run", "--gpu", "--resume", "--force", "--auto-fit"],
+    "grpo": ["--recipe", "--reward", "--run", "--gpu", "--resume", "--force", "--auto-fit", "group_size", "rloo"],
     "budget": ["--recipe", "--model", "--step", "--gpu", "--json"],
     "preview": ["--recipe", "-n"],
-    "quickstart": ["--run"],
+    "quickstart": ["--run", "--algo", "grpo"],
     "report": ["--run"],
 }
 

@@ -77,6 +77,13 @@ def test_reference_hyperparameters():
     assert (p.prompt_min_tokens, p.prompt_max_tokens, p.prompt_min_chars) == (2, 8, 200)
     g = p.generation
     assert (g.top_k, g.top_p, g.min_new_tokens, g.max_new_tokens, g.stop_at_eos) == (0, 1.0, 4, 16, False)
+    # GRPO: PPO's prompts, generation, adapter and samples per step, without the value head
+    q = r.grpo
+    assert (q.group_size, q.advantage, q.beta, q.kl_in, q.epochs, q.cliprange) == (8, "grpo", 0.04, "loss", 1, 0.2)
+    assert q.batch_size * q.group_size == p.batch_size and q.rollout_batch_size == p.rollout_batch_size
+    assert q.mini_batch_size // q.gradient_accumulation_steps == p.mini_batch_size // p.gradient_accumulation_steps
+    assert (q.generation, q.lora, q.learning_rate) == (p.generation, p.lora, p.learning_rate)
+    assert (q.prompt_min_tokens, q.prompt_max_tokens, q.prompt_min_chars) == (2, 8, 200)
 
 
 def test_override_sets_nested_value():
@@ -118,6 +125,13 @@ def test_all_problems_reported_at_once():
             "batch_size (10) must be exactly divisible by mini_batch_size (4)",
         ),
         (["ppo.generation.min_new_tokens=20"], "min_new_tokens (20) must be <= max_new_tokens (16)"),
+        (["grpo.group_size=1", "grpo.mini_batch_size=8"], "group_size (1) must be at least 2 with advantage=grpo"),
+        (
+            ["grpo.mini_batch_size=48"],
+            "batch_size x group_size (8 x 8 = 64 sequences) must be exactly divisible by mini_batch_size (48)",
+        ),  # fmt: skip
+        (["grpo.mini_batch_size=128"], "mini_batch_size (128) must be <= batch_size x group_size (8 x 8 = 64"),
+        (["grpo.lora.dropout=0.1"], "lora.dropout (0.1) must be 0"),
     ],
 )
 def test_cross_field_checks_show_both_values(overrides, fragment):

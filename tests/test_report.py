@@ -192,7 +192,8 @@ def test_grpo_run_is_reported_like_ppo(tmp_path):
     assert "## Generations before and after GRPO" in text and "| 1 | This film \\| that film |" in text
     assert "### Where a GRPO step spends its time" in text
     assert "| GRPO evaluation | `grpo/eval.json` | yes |" in text
-    assert "PPO" not in text.split("## GRPO evaluation")[1]  # nothing below the recipe pretends PPO ran
+    assert "PPO" not in text, "nothing pretends PPO ran, the recipe's settings included"
+    assert "- GRPO: 8 prompts x 8 samples, grpo advantages, mini-batch 16, 2 epochs" in text
     assert not (root / "ppo_reward.png").exists()
 
 

@@ -106,20 +106,23 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
                 if b >= 64
             ]
         )
-    elif est.step == "ppo":
-        cfg, gen = recipe.ppo, recipe.ppo.generation
+    elif est.step in ("ppo", "grpo"):
+        step = est.step
+        cfg = getattr(recipe, step)
+        gen = cfg.generation
+        sequences = cfg.batch_size * getattr(cfg, "group_size", 1)  # generated per step
         spec = est.reward_spec or {}
         if spec.get("model") and spec.get("device", "auto") != "cpu" and est.device_kind == "cuda":
             why = f"device: cpu in the reward spec ({recipe.reward.name}): slower scoring"
             knobs.append([(Change("reward.device", "cpu", 1, why),)])
         if not cfg.gradient_checkpointing:
-            knobs.append([(Change("ppo.gradient_checkpointing", True, 1, "~30% slower updates, same training"),)])
+            knobs.append([(Change(f"{step}.gradient_checkpointing", True, 1, "~30% slower updates, same training"),)])
         micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
         knobs.append(
             [
                 (
                     Change(
-                        "ppo.gradient_accumulation_steps",
+                        f"{step}.gradient_accumulation_steps",
                         cfg.mini_batch_size // m,
                         1,
                         "smaller micro-batches, same mini-batch: slower updates",
@@ -131,17 +134,17 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
         )
         knobs.append(
             [
-                (Change("ppo.rollout_batch_size", r, 1, "generate and score fewer sequences at once: slower"),)
-                for r in _divisors(cfg.batch_size)
-                if r < min(cfg.rollout_batch_size, cfg.batch_size)
+                (Change(f"{step}.rollout_batch_size", r, 1, "generate and score fewer sequences at once: slower"),)
+                for r in _divisors(sequences)
+                if r < min(cfg.rollout_batch_size, sequences)
             ]
         )
         if cfg.optimizer == "adam":
-            knobs.append([(Change("ppo.optimizer", "adam_8bit", 2, EIGHT_BIT_ADAM),)])
+            knobs.append([(Change(f"{step}.optimizer", "adam_8bit", 2, EIGHT_BIT_ADAM),)])
         knobs.append(
             [
-                (Change("ppo.generation.max_new_tokens", n, 3, "shorter responses"),)
-                + ((Change("ppo.generation.min_new_tokens", n, 3, ""),) if gen.min_new_tokens > n else ())
+                (Change(f"{step}.generation.max_new_tokens", n, 3, "shorter responses"),)
+                + ((Change(f"{step}.generation.min_new_tokens", n, 3, ""),) if gen.min_new_tokens > n else ())
                 for n in (gen.max_new_tokens // 2**k for k in range(1, 6))
                 if n >= 1
             ]
@@ -210,10 +213,10 @@ def _combine(est: Estimate, knobs: list[list[tuple[Change, ...]]]) -> Suggestion
 def auto_fit(recipe: Recipe, step: str, gpu: str | None) -> Recipe:
     """The recipe with the largest micro-batch that fits, the effective batch kept by gradient accumulation.
 
-    sft: sft.batch_size x sft.gradient_accumulation_steps stays the same. ppo: ppo.mini_batch_size (the sequences
+    sft: sft.batch_size x sft.gradient_accumulation_steps stays the same. ppo and grpo: mini_batch_size (the sequences
     per optimizer step) stays; its micro-batch (mini_batch_size / gradient_accumulation_steps) is chosen, and when
-    generation is what does not fit, ppo.rollout_batch_size is lowered too. Nothing fits: the smallest settings
-    (the pre-flight then says so).
+    generation is what does not fit, rollout_batch_size is lowered too. Nothing fits: the smallest settings (the
+    pre-flight then says so).
     """
     device = resolve_device(gpu, recipe)
 
@@ -232,15 +235,16 @@ def auto_fit(recipe: Recipe, step: str, gpu: str | None) -> Recipe:
             )
             for b in _divisors(effective)
         ]
-    elif step == "ppo":
-        ppo = recipe.ppo
+    elif step in ("ppo", "grpo"):
+        cfg = getattr(recipe, step)
+        sequences = cfg.batch_size * getattr(cfg, "group_size", 1)
 
         def with_(micro: int, rollout: int) -> Recipe:
-            update = {"gradient_accumulation_steps": ppo.mini_batch_size // micro, "rollout_batch_size": rollout}
-            return recipe.model_copy(update={"ppo": ppo.model_copy(update=update)})
+            update = {"gradient_accumulation_steps": cfg.mini_batch_size // micro, "rollout_batch_size": rollout}
+            return recipe.model_copy(update={step: cfg.model_copy(update=update)})
 
-        micros = _divisors(ppo.mini_batch_size)
-        rollouts = [r for r in _divisors(ppo.batch_size) if r <= ppo.rollout_batch_size] or [ppo.batch_size]
+        micros = _divisors(cfg.mini_batch_size)
+        rollouts = [r for r in _divisors(sequences) if r <= cfg.rollout_batch_size] or [sequences]
         # The update's micro-batch first (with the smallest rollout), then the largest rollout batch beside it.
         micro = next((m for m in micros if fits(with_(m, rollouts[-1]))), micros[-1])
         options = [with_(micro, r) for r in rollouts]

@@ -2,6 +2,7 @@
 
 sft:   loss (the fp32 logits)        backward (one layer recomputed, its gradients)
 ppo:   generation (KV cache)         scoring (policy + reference)     reward     update (loss)     update (backward)
+grpo:  the same moments, without the value head; batch_size x group_size sequences a step
 merge: one moment, on the CPU: the largest tensor's working set, the adapter twice, this process
 
 The moments do not all coexist: PPO's KV cache is freed before the update's activations are made; SFT's fp32 logits
@@ -49,7 +50,7 @@ def lora_targets(shape: ModelShape, lora: LoraConfig) -> list[str]:
 
 
 def _lora_setup(recipe: Recipe, shape: ModelShape, step: str, device_kind: str) -> TrainSetup:
-    lora = recipe.ppo.lora if step == "ppo" else recipe.lora
+    lora = getattr(recipe, step).lora if step in ("ppo", "grpo") else recipe.lora
     return TrainSetup(
         quantization=recipe.model.quantization,
         d=DTYPE_BYTES[recipe.model.dtype],
@@ -103,18 +104,34 @@ def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[di
 def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf ppo`, moment by moment as a PPO step runs;
     `spec` is the reward model's (`peak.load_reward_spec`)."""
-    cfg, gen = recipe.ppo, recipe.ppo.generation
-    s = _lora_setup(recipe, shape, "ppo", device_kind)
+    return rl_moments(recipe, "ppo", shape, device_kind, spec)
+
+
+def grpo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
+    """The moments of `rlhf grpo`: PPO's passes without the value head (neither its weights nor the hidden states it
+    reads), over batch_size x group_size sequences a step, generated and scored rollout_batch_size at a time."""
+    return rl_moments(recipe, "grpo", shape, device_kind, spec)
+
+
+def rl_moments(
+    recipe: Recipe, step: str, shape: ModelShape, device_kind: str, spec: dict[str, Any]
+) -> tuple[dict, str, list]:
+    """The moments of an RL step after merge (`step`: ppo, or grpo without a value head)."""
+    cfg = getattr(recipe, step)
+    gen = cfg.generation
+    s = _lora_setup(recipe, shape, step, device_kind)
     d, V, h = s.d, shape.vocab, shape.hidden
     prompt, response = cfg.prompt_max_tokens, gen.max_new_tokens
     seq = prompt + response
-    rollout = min(cfg.rollout_batch_size, cfg.batch_size)
+    sequences = cfg.batch_size * getattr(cfg, "group_size", 1)
+    rollout = min(cfg.rollout_batch_size, sequences)
     micro = max(1, cfg.mini_batch_size // cfg.gradient_accumulation_steps)
     notes = _int8_kept_note(shape, s, micro * seq, cfg.gradient_checkpointing)
 
     n_lora = lora_params(shape, s.lora_rank, list(s.lora_targets))
-    value_params = h + 1
-    trainable_sizes = lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)) + [h, 1]
+    has_value_head = step == "ppo"
+    value_params = h + 1 if has_value_head else 0
+    trainable_sizes = lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)) + ([h, 1] if has_value_head else [])
     on_device = device_kind == "cpu" or spec.get("device", "auto") != "cpu"
     where = "the GPU" if device_kind == "cuda" else "the CPU, in the same RAM"
     reward_weights, reward_act, reward_note = reward_bytes(spec, seq, on_device, where)
@@ -142,7 +159,7 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
         "activations": inference_per_token(shape, s) * rollout * seq + inference_fixed(shape, s),
         "logits": rollout * kept * V * d + 5 * 4 * chunk * V,  # + entropy's fp32 chunk: float, log_softmax, exp, ...
         # the last hidden state (a view that keeps the final norm's whole output) and the head's fp32 copy
-        "value_head": resident["value_head"] + rollout * seq * h * d + 4 * rollout * response * h,
+        "value_head": resident["value_head"] + (rollout * seq * h * d + 4 * rollout * response * h) * has_value_head,
     }
 
     # 3. reward: the classifier on decoded texts.
@@ -152,7 +169,8 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
     at_loss, at_backward = train_activations(shape, s, micro, seq, cfg.gradient_checkpointing)
     chunk = chunk_tokens(micro, response)
     grads = 4 * (n_lora + value_params)
-    head = resident["value_head"] + micro * seq * h * d + 4 * micro * response * h  # hidden kept, fp32 copy saved
+    # the value head's input kept (a view of the final norm's output) and its saved fp32 copy
+    head = resident["value_head"] + (micro * seq * h * d + 4 * micro * response * h) * has_value_head
     update_logits = micro * kept * V * d
     update_loss = {
         **resident,
@@ -175,9 +193,11 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
         "update (loss)": update_loss,
         "update (backward)": update_backward,
     }
+    groups = f" of {cfg.batch_size} prompts x {cfg.group_size} samples" if step == "grpo" else ""
     settings = (
         f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
-        f"rollout {rollout} x ({prompt} + {response}) tokens; micro-batch {micro} (mini-batch {cfg.mini_batch_size}); "
+        f"rollout {rollout} x ({prompt} + {response}) tokens{groups}; micro-batch {micro} "
+        f"(mini-batch {cfg.mini_batch_size}); "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
     )
     return moments, settings, notes

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.budget.device import CUDA_CONTEXT, ram_device, resolve_device
-from rlhf.budget.moments import merge_ram, ppo_moments, sft_moments
+from rlhf.budget.moments import grpo_moments, merge_ram, ppo_moments, sft_moments
 from rlhf.budget.shapes import model_shape
 from rlhf.config import Recipe
 from rlhf.errors import UserError
@@ -27,7 +27,7 @@ COMPONENTS = (
     "reward_model",
     "overhead",
 )
-STEPS = ("sft", "merge", "ppo")
+STEPS = ("sft", "merge", "ppo", "grpo")
 FRAGMENTATION = 0.10  # of the bytes allocated and freed during a step (activations, logits, KV cache, gradients)
 ASSUMED_REWARD_MODEL = "lvwerra/distilbert-imdb"  # sized, with a spec's defaults, when the spec cannot be read
 
@@ -122,7 +122,7 @@ def estimate(
     device_description: str = "",
     disk_path: Path | str | None = None,
 ) -> Estimate:
-    """The predicted peak memory of `step` (sft | merge | ppo) for `recipe`, against `device_bytes`.
+    """The predicted peak memory of `step` (sft | merge | ppo | grpo) for `recipe`, against `device_bytes`.
 
     `device_bytes` None: the device `resolve_device` picks (merge: free RAM). `device_kind`: "cuda" plans for a GPU
     (CUDA context counted; the reward model counts only if its spec puts it on the GPU), "cpu" for a CPU run;
@@ -154,7 +154,8 @@ def estimate(
         else:
             spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name)
             reward_spec = spec
-            raw, settings, notes = ppo_moments(recipe, shape, device_kind, spec)
+            moments_of = grpo_moments if step == "grpo" else ppo_moments
+            raw, settings, notes = moments_of(recipe, shape, device_kind, spec)
             static = ("weights", "lora", "optimizer", "value_head", "reward_model")
         peak, moments, context = _finish(raw, static, device_kind)
     return Estimate(

@@ -42,6 +42,8 @@ _SHRINK = {
         "overhead": "this process: Python, torch, transformers",
     },
 }
+# GRPO's knobs are PPO's, in its own section; no value head.
+_SHRINK["grpo"] = {k: v.replace("ppo.", "grpo.") for k, v in _SHRINK["ppo"].items() if k != "value_head"}
 
 
 def render_table(est: Estimate, suggestions: bool = True) -> str:

@@ -1,0 +1,240 @@
+"""What an RL trainer does whatever its algorithm: one merged k-bit model as policy (LoRA) and reference (LoRA off),
+the reward, prompts, the optimizer, the step loop with its non-finite guard, checkpoints and evaluation.
+
+An algorithm (rlhf.ppo.trainer, rlhf.grpo.trainer) subclasses `RLTrainer` and gives `train_step` (one step on this
+rank's prompts, None when the batch was skipped) and, where it has more to save than the adapter, the checkpoint
+hooks `extra_tensors`, `extra_state` and `load_extra`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from rlhf import modeling
+from rlhf.config import Recipe
+from rlhf.data import load_texts
+from rlhf.errors import UserError
+from rlhf.rewards import load_reward
+from rlhf.rl import checkpoint
+from rlhf.rl.evaluate import evaluate
+from rlhf.rl.parallel import Parallel
+from rlhf.rl.policy import Policy, ValueHead, disable_dropout
+from rlhf.rl.prompts import Prompts
+from rlhf.rl.telemetry import Log, Timer, progress
+from rlhf.runs import Run
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite batches in a row: the run stops (exit 1) with its last good checkpoint on disk."""
+
+    exit_code = 1
+
+
+class RLTrainer:
+    name = "rl"  # the recipe section and the run's subdirectory: "ppo", "grpo"
+    value_head = False
+    kl_setting = ""  # the setting that holds the policy near the reference, named when the responses collapse
+    # What to try when batches keep going non-finite, beyond the reward and the LayerNorms.
+    nonfinite_hint = "the learning rate too high"
+
+    def __init__(self, recipe: Recipe, run: Run, reward_name: str, parallel: Parallel, out=None):
+        self.recipe, self.run, self.reward_name, self.parallel = recipe, run, reward_name, parallel
+        self.out = out if out is not None else sys.stderr  # looked up now, not at import: redirections apply
+        self.cfg = getattr(recipe, self.name)
+        self.directory = run.root / self.name
+        self.checkpoints = self.directory / "checkpoints"
+        self.rank, self.world_size = parallel.rank, parallel.world_size
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.retries = 0
+        self.timer = Timer()
+        self.stop_requested = False
+        self.early_stop: str | None = None
+        self.log = Log(self.directory, self.name, parallel.is_main)
+
+    # --- setup ---
+    def setup(self) -> None:
+        torch.manual_seed(self.cfg.seed)  # the adapter's (and value head's) initial weights: the same on every rank
+        self._setup_model()
+        self.reward = load_reward(self.reward_name)
+        self._setup_data()
+        self._setup_optimizer()
+
+    def _setup_model(self) -> None:
+        merged = self.run.merged
+        model_cfg = self.recipe.model.model_copy(update={"name": str(merged.resolve())})
+        self.tokenizer = modeling.load_tokenizer(merged, model_cfg.trust_remote_code)
+        base = modeling.load_base(model_cfg, merged)
+        modeling.prepare_for_training(base, self.cfg.gradient_checkpointing)
+        self.model = modeling.add_lora(base, self.cfg.lora)
+        disable_dropout(self.model)
+        value_head = ValueHead(base.config.hidden_size).to(modeling.device()) if self.value_head else None
+        self.policy = Policy(self.model, value_head, self.cfg.generation.temperature)
+        self.params = self.policy.trainable_parameters()
+        self.module = self.parallel.wrap(self.policy)  # DDP averages the trainable parameters' gradients
+
+    def _setup_data(self) -> None:
+        data, cfg = self.recipe.data, self.cfg
+        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars)
+        self.prompts = Prompts(
+            train, self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed, section=self.name
+        )
+        try:
+            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars)
+        except UserError:
+            held_out = train[-max(cfg.eval_prompts, 1) :]  # no eval split: the tail of train, said in eval.json
+            self.eval_source = f"{data.train_split} (last {len(held_out)})"
+        else:
+            self.eval_source = data.eval_split
+        self.eval_texts = held_out[: cfg.eval_prompts]
+        self.eval_prompts = Prompts(
+            self.eval_texts or held_out[:1], self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed + 1
+        )
+
+    def _setup_optimizer(self) -> None:
+        if self.cfg.optimizer == "adam_8bit":
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.Adam8bit(self.params, lr=self.cfg.learning_rate)
+        else:
+            self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.learning_rate)
+
+    # --- the loop ---
+    def train_step(self) -> dict | None:
+        raise NotImplementedError
+
+    def train(self) -> None:
+        cfg = self.cfg
+        bar = self.bar = progress(self.name, cfg.max_steps, self.step, self.parallel.is_main)
+        while self.step < cfg.max_steps and not self.stop_requested:
+            row = self.train_step()
+            if row is None:
+                continue
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}"
+            )
+            self.early_stop = self._guard(row)
+            if self.early_stop:
+                bar.close()
+                self._roll_back()
+                return
+            if self.world_size > 1:  # Ctrl-C may reach the ranks at different steps: all stop at the same one
+                self.stop_requested = not self.parallel.all_true(not self.stop_requested)
+            if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps or self.stop_requested:
+                self.save_checkpoint()
+        bar.close()
+
+    def _guard(self, row: dict) -> str | None:
+        """Why to stop early (kl_ceiling, diversity_floor of the step's section), or None. Every rank computes the
+        same metrics."""
+        cfg, name = self.cfg, self.cfg.section
+        if row["step"] == 1 or not hasattr(self, "first_distinct_2"):
+            self.first_distinct_2 = row["distinct_2"]
+        if cfg.kl_ceiling is not None and row["kl"] > cfg.kl_ceiling:
+            return f"KL {row['kl']:.2f} passed {name}.kl_ceiling {cfg.kl_ceiling:g} at step {row['step']}"
+        floor = cfg.diversity_floor
+        if floor is not None and row["distinct_2"] < floor * self.first_distinct_2:
+            return (
+                f"the responses' distinct-2 fell to {row['distinct_2']:.2f}, below {name}.diversity_floor {floor:g} x "
+                f"{self.first_distinct_2:.2f} (step 1) at step {row['step']}"
+            )
+        return None
+
+    def _roll_back(self) -> None:
+        """Back to the last checkpoint saved before the guard fired (or to the start): the policy that is saved and
+        evaluated is the last good one."""
+        kept = checkpoint.saved_steps(self.checkpoints)
+        before = f"the policy before {self.name.upper()}"
+        where = f"the checkpoint of step {checkpoint.step_of(kept[-1])}" if kept else before
+        if self.parallel.is_main:
+            print(f"{self.name}: stopped early: {self.early_stop}; going back to {where}", file=self.out)
+        if kept:
+            self.load_checkpoint()
+        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference
+            for name, p in self.model.named_parameters():
+                if "lora_B" in name:
+                    p.data.zero_()
+            self.step = 0
+
+    def nonfinite(self, what: str) -> None:
+        """Count a skipped batch; stop (NonFiniteError) after `nonfinite_patience` in a row."""
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        if self.parallel.is_main:
+            print(
+                f"{self.name}: warning: non-finite {what} at step {self.step + 1}; batch skipped "
+                f"({self.nonfinite_in_a_row} in a row)",
+                file=self.out,
+            )
+        if self.nonfinite_in_a_row >= self.cfg.nonfinite_patience:
+            saved = checkpoint.saved_steps(self.checkpoints)
+            kept = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved yet"
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} batches in a row had a non-finite {what}; stopped at step {self.step} "
+                f"({kept}). Likely causes: a reward model or function returning NaN/inf, LayerNorms not in fp32, "
+                f"{self.nonfinite_hint}"
+            )
+        self.retries += 1  # the next attempt must not replay the same random draws
+
+    # --- checkpoints ---
+    def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Trainable tensors besides the adapter, by file name (PPO: the value head)."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """JSON-able state besides the step counters (PPO: the KL controller, the score statistics)."""
+        return {}
+
+    def load_extra(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
+        """Restore what `extra_tensors` and `extra_state` saved."""
+
+    def settings(self) -> dict:
+        """What the trajectory depends on; a resume must not change it silently."""
+        return {self.name: self.cfg.model_dump(mode="json"), "reward": self.reward_name}
+
+    def save_checkpoint(self) -> None:
+        from peft import get_peft_model_state_dict
+
+        if self.parallel.is_main:
+            adapter = {k: v.detach().float() for k, v in get_peft_model_state_dict(self.model).items()}
+            state = {
+                **self.extra_state(),
+                "nonfinite_total": self.nonfinite_total,
+                "first_distinct_2": getattr(self, "first_distinct_2", None),
+                "settings": self.settings(),
+            }
+            checkpoint.save(self.checkpoints, self.step, {"adapter": adapter, **self.extra_tensors()}, self.optimizer,
+                            state)  # fmt: skip
+        self.parallel.barrier()  # no rank races ahead of a checkpoint that rank 0 is still writing or pruning
+
+    def load_checkpoint(self) -> dict:
+        """Restore the newest readable checkpoint; returns its state.json."""
+        from peft import set_peft_model_state_dict
+
+        if self.parallel.is_main:
+            checkpoint.remove_partial(self.checkpoints, list(self.directory.glob(".adapter.*")))
+        self.parallel.barrier()
+        names = ("adapter", *self.extra_tensors())
+        tensors, optimizer, state = checkpoint.load_newest(
+            self.checkpoints, names, lambda m: print(f"{self.name}: warning: {m}", file=self.out)
+        )
+        device = modeling.device()
+        set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in tensors["adapter"].items()})
+        self.optimizer.load_state_dict(optimizer)
+        self.load_extra(tensors, state)
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        if state.get("first_distinct_2") is not None:  # the diversity guard's baseline stays that of step 1
+            self.first_distinct_2 = state["first_distinct_2"]
+        self.step = int(state["step"])
+        return state
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        return evaluate(
+            self.policy, self.tokenizer, self.reward, self.eval_prompts, self.eval_texts, cfg.generation,
+            cfg.rollout_batch_size, cfg.seed + 12345,
+        )  # fmt: skip
