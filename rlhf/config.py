@@ -212,6 +212,9 @@ class GrpoConfig(Section):
     gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per mini-batch")
     rollout_batch_size: int = Field(64, ge=1, description="sequences generated and scored at once (memory)")
     epochs: int = Field(1, ge=1, description="passes over each step's samples; the clipped ratio acts after the first")
+    entropy_coef: float = Field(
+        0.0, ge=0, description="bonus on the policy's mean token entropy in the loss: keeps responses varied"
+    )
     cliprange: float = Field(0.2, gt=0)
     learning_rate: float = Field(1.41e-5, gt=0)
     optimizer: Literal["adam", "adam_8bit"] = "adam"

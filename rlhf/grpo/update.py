@@ -8,6 +8,7 @@ from torch import Tensor
 
 from rlhf.config import GrpoConfig
 from rlhf.grpo import core
+from rlhf.ppo.core import masked_mean
 from rlhf.rl import update
 from rlhf.rl.policy import Scored
 from rlhf.rl.rollout import Rollout
@@ -31,7 +32,7 @@ def optimise(
     beta = cfg.beta if cfg.kl_in == "loss" else 0.0
 
     def loss_fn(out: Scored, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return core.grpo_loss(
+        loss, stats = core.grpo_loss(
             out.logprobs,
             rollout.logprobs[idx],
             rollout.ref_logprobs[idx],
@@ -40,9 +41,12 @@ def optimise(
             cfg.cliprange,
             beta,
         )
+        if cfg.entropy_coef > 0:  # a bonus, as PPO's: higher entropy lowers the loss
+            loss = loss - cfg.entropy_coef * masked_mean(out.entropy, mask[idx])
+        return loss, stats
 
     return update.run_epochs(
         rollout, opt, loss_fn, STATS, epochs=cfg.epochs, mini_batch_size=cfg.mini_batch_size,
         micro=micro_batch_size(cfg), max_grad_norm=cfg.max_grad_norm, values=False, first_order=first_order,
-        generator=generator, timer=timer,
+        generator=generator, timer=timer, entropy=cfg.entropy_coef > 0,
     )  # fmt: skip
