@@ -336,12 +336,13 @@ def test_nonreentrant_checkpointing_keeps_the_int8_inputs(neox20b, monkeypatch):
 def test_budget_follows_modelings_checkpointing(monkeypatch):
     import inspect
 
-    from rlhf import modeling
+    from rlhf import checkpointing, modeling
 
     source = inspect.getsource(modeling.prepare_for_training)
-    assert budget.checkpoint_reentrant() == ('"use_reentrant": True' in source or "use_reentrant" not in source)
-    monkeypatch.setattr(modeling, "CHECKPOINT_KWARGS", {"use_reentrant": True}, raising=False)
+    assert "kwargs=CHECKPOINT_KWARGS" in source and modeling.CHECKPOINT_KWARGS is checkpointing.CHECKPOINT_KWARGS
     assert budget.checkpoint_reentrant()
+    monkeypatch.setattr(checkpointing, "CHECKPOINT_KWARGS", {"use_reentrant": False})
+    assert not budget.checkpoint_reentrant()
 
 
 def test_gpt_neox_20b_ppo_at_12gib_ranks_reestimated_suggestions(neox20b):

@@ -35,11 +35,11 @@ PROCESS_RAM = 512 * MiB  # Python + torch + transformers, for a planned merge (a
 
 
 def checkpoint_reentrant() -> bool:
-    """Whether rlhf's gradient checkpointing is reentrant: what `modeling.CHECKPOINT_KWARGS` passes to
-    gradient_checkpointing_enable (transformers' default is reentrant)."""
-    from rlhf import modeling
+    """Whether rlhf's gradient checkpointing is reentrant: what `modeling` passes to gradient_checkpointing_enable
+    (`rlhf.checkpointing.CHECKPOINT_KWARGS`; transformers' default is reentrant)."""
+    from rlhf import checkpointing
 
-    return bool(modeling.CHECKPOINT_KWARGS.get("use_reentrant", True))
+    return bool(checkpointing.CHECKPOINT_KWARGS.get("use_reentrant", True))
 
 
 def lora_targets(shape: ModelShape, lora: LoraConfig) -> list[str]:
