@@ -9,7 +9,7 @@ from rlhf.config import PACKAGE_DIR, available_recipes, load_recipe, recipes_dir
 from rlhf.errors import UserError
 from rlhf.rewards import load_spec
 
-EXPECTED_RECIPES = {"gpt-neox-20b", "quickstart", "memorize"}
+EXPECTED_RECIPES = {"gpt-neox-20b", "llama-3.1-8b", "qwen2.5-14b", "quickstart", "memorize"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_RECIPES))
