@@ -35,8 +35,9 @@ TINY_LLAMA = {
 @pytest.mark.parametrize("config", SHIPPED, ids=[str(p.parent.relative_to(shipped_configs_dir())) for p in SHIPPED])
 def test_shipped_shape_is_what_its_config_builds(config):
     shipped = config.with_name("shape.json")
-    assert shipped.is_file(), f"{shipped} is missing: run python benchmarks/write_shapes.py"
-    assert shipped.read_text() == shipped_shape_text(config), f"{shipped} is stale: run python benchmarks/write_shapes.py"
+    fix = "run python benchmarks/write_shapes.py"
+    assert shipped.is_file(), f"{shipped} is missing: {fix}"
+    assert shipped.read_text() == shipped_shape_text(config), f"{shipped} is stale: {fix}"
 
 
 @pytest.fixture
