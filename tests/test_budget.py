@@ -223,6 +223,25 @@ def test_ppo_components_by_hand(small_dir):
     assert est.total_bytes == max(est.moment_totals.values()) == sum(est.components.values())
 
 
+def test_ppo_logit_chunks_by_hand(small_dir):
+    """fp32 chunks of V-wide rows alive at once (seen with torch's memory profiler): entropy 4; the log-prob backward
+    2, or 3 when the micro-batch is cut into several chunks. They grow with the vocabulary (128k-152k for Llama-3 and
+    Qwen2), where a count too high overstates PPO by 10%."""
+    recipe = small_recipe(small_dir)
+    est = budget.estimate(recipe, "ppo", 24 * GiB, CPU_REWARD)
+    V, kept = 1000, 8 + 1  # logits_to_keep = response + 1, in fp16
+    scoring_chunk = 64 * 8  # the rollout's 64 x 8 response tokens fit one chunk of <= 512
+    assert est.moments["scoring (policy + reference)"]["logits"] == 64 * kept * V * 2 + 4 * 4 * scoring_chunk * V
+    one = est.moments["update (backward)"]["logits"]
+    assert one == 2 * 1 * kept * V * 2 + 2 * 4 * 8 * V  # micro-batch 1: logits, their gradient, two fp32 chunks
+    big = {"mini_batch_size": 64, "gradient_accumulation_steps": 1}  # 64 x 8 tokens: still one chunk
+    many = {**big, "generation": GenerationConfig(min_new_tokens=16, max_new_tokens=16)}  # 64 x 16: two chunks
+    for update, chunks, response in ((big, 2, 8), (many, 3, 16)):
+        wide = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update=update)})
+        logits = budget.estimate(wide, "ppo", 24 * GiB, CPU_REWARD).moments["update (backward)"]["logits"]
+        assert logits == 2 * 64 * (response + 1) * V * 2 + chunks * 4 * 512 * V
+
+
 def test_reward_model_on_the_gpu_counts_its_weights(small_dir):
     on_gpu = budget.estimate(small_recipe(small_dir), "ppo", 24 * GiB, {**CPU_REWARD, "device": "auto"})
     weights = 4 * 66_955_010  # fp32, as lvwerra/distilbert-imdb's checkpoint

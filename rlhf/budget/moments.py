@@ -140,7 +140,8 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
     scoring = {
         **resident,
         "activations": inference_per_token(shape, s) * rollout * seq + inference_fixed(shape, s),
-        "logits": rollout * kept * V * d + 5 * 4 * chunk * V,  # + entropy's fp32 chunk: float, log_softmax, exp, ...
+        # + entropy's four fp32 chunks at once: log_softmax, its exp, the masked log-probs, their product
+        "logits": rollout * kept * V * d + 4 * 4 * chunk * V,
         # the last hidden state (a view that keeps the final norm's whole output) and the head's fp32 copy
         "value_head": resident["value_head"] + rollout * seq * h * d + 4 * rollout * response * h,
     }
@@ -151,6 +152,9 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
     # 4. update: micro-batches of `micro` sequences, with grad (checkpointing as the recipe says).
     at_loss, at_backward = train_activations(shape, s, micro, seq, cfg.gradient_checkpointing)
     chunk = chunk_tokens(micro, response)
+    # the log-prob backward holds two fp32 chunks (x - logsumexp, its exp), and the previous chunk's gradient until the
+    # next replaces it when there are several (measured with torch's memory profiler, fp16 and fp32 logits alike)
+    backward_chunks = 2 if chunk == micro * response else 3
     grads = 4 * (n_lora + value_params)
     head = resident["value_head"] + micro * seq * h * d + 4 * micro * response * h  # hidden kept, fp32 copy saved
     update_logits = micro * kept * V * d
@@ -166,7 +170,7 @@ def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[
         "gradients": grads,
         "activations": at_backward,
         "value_head": head,
-        "logits": 2 * update_logits + 4 * 4 * chunk * V,  # logits kept for backward, their gradient, fp32 chunks
+        "logits": 2 * update_logits + backward_chunks * 4 * chunk * V,  # logits kept, their gradient, fp32 chunks
     }
     moments = {
         "generation (KV cache)": generation,
