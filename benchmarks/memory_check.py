@@ -1,6 +1,7 @@
 """Measure real SFT and PPO steps beside the memory budget's prediction: the budget is checked, not hoped.
 
     python benchmarks/memory_check.py --model EleutherAI/pythia-160m --device cpu
+    python benchmarks/memory_check.py --model llama-small --device cpu      # also qwen2-small, tiny (GPT-NeoX)
     python benchmarks/memory_check.py --model EleutherAI/gpt-neox-20b --device cuda --limit 24GiB --steps sft \
         --block-size 1024 --out gpu-20b-sft.json
 
@@ -56,13 +57,47 @@ TINY = {  # the shape of rlhf's fixture:tiny-gpt-neox
     "torch_dtype": "float32",
 }
 
+# Families other than GPT-NeoX, scaled down to ~0.1 B parameters: grouped-query attention (8 heads, 2 KV heads) and a
+# gated MLP; Qwen2 adds q/k/v biases and, like the small Qwen2.5 models, ties its input and output embeddings.
+LLAMA_SMALL = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+QWEN2_SMALL = {
+    **LLAMA_SMALL,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+SHAPES = {"tiny": TINY, "llama-small": LLAMA_SMALL, "qwen2-small": QWEN2_SMALL}
+
 
 # --- a checkpoint with random weights ---------------------------------------------------------------------------
 
 
 def config_for(model: str) -> dict:
-    if model == "tiny":
-        return dict(TINY)
+    if model in SHAPES:
+        return dict(SHAPES[model])
     from rlhf.budget.shapes import find_config
 
     return json.loads(find_config(model).read_text())
@@ -98,7 +133,13 @@ def write_random_checkpoint(config: dict, out: Path, dtype: str, shard_bytes: in
             weight_map.update({k: name for k in shard})
             shard, size = {}, 0
 
+    # Tied weights (a Qwen2's or Gemma's output embedding is its input embedding) are saved once, as real checkpoints
+    # save them: two different random copies would make transformers untie them, and the model twice as large.
+    unique = {name for name, _ in meta.named_parameters()}
+    tied = {name for name, _ in meta.named_parameters(remove_duplicate=False)} - unique
     for name, param in meta.state_dict().items():
+        if name in tied:
+            continue
         n = param.numel()
         if name.endswith("bias"):
             tensor = torch.zeros(param.shape, dtype=torch_dtype)
@@ -116,7 +157,7 @@ def write_random_checkpoint(config: dict, out: Path, dtype: str, shard_bytes: in
         shard[name] = tensor
         size += tensor.numel() * tensor.element_size()
     flush()
-    total = sum(p.numel() * torch_dtype.itemsize for p in meta.state_dict().values())
+    total = sum(p.numel() * torch_dtype.itemsize for name, p in meta.state_dict().items() if name not in tied)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
     )
@@ -252,7 +293,7 @@ def recipe_for(args, model_dir: Path):
         SftConfig,
     )
 
-    targets = args.lora_targets.split(",")
+    targets = args.lora_targets if args.lora_targets in ("auto", "all-linear") else args.lora_targets.split(",")
     return Recipe(
         model=ModelConfig(name=str(model_dir), quantization=args.quantization, dtype=args.dtype),
         lora=LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.05, target_modules=targets),
@@ -463,7 +504,7 @@ def main() -> None:
     p.add_argument(
         "--model",
         default="EleutherAI/pythia-160m",
-        help="'tiny', a hub id with a shipped or cached config.json, or a dir with config.json",
+        help=f"{', '.join(SHAPES)}, a hub id with a shipped or cached config.json, or a dir with config.json",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", default="sft,ppo")
@@ -472,7 +513,7 @@ def main() -> None:
         "--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda, float32 on cpu"
     )
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-targets", default="query_key_value")
+    p.add_argument("--lora-targets", default="auto", help="auto, all-linear, or names joined by commas")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument(
         "--checkpointing",

@@ -32,7 +32,7 @@ def _add_recipe(p: argparse.ArgumentParser, default: str | None = None) -> None:
         "--recipe",
         metavar="NAME|PATH",
         default=default,
-        help="a shipped recipe (gpt-neox-20b, quickstart, memorize) or a YAML file"
+        help="a shipped recipe (gpt-neox-20b, llama-3.1-8b, qwen2.5-14b, quickstart, memorize) or a YAML file"
         + (f"; default {default}" if default else ""),
     )
 

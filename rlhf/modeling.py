@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rlhf import targets
+from rlhf.checkpointing import CHECKPOINT_KWARGS
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.dtypes import torch_dtype
 from rlhf.errors import UserError
@@ -23,11 +24,6 @@ from rlhf.errors import UserError
 # works, not a problem, and thousands of identical lines hide the ones that matter.
 warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-# Reentrant checkpointing: bitsandbytes keeps each int8 matmul's input on its autograd ctx rather than through
-# save_for_backward, which non-reentrant checkpointing cannot drop, so every layer's input would stay alive
-# (3.6 GiB on gpt-neox-20b at 1024 tokens). rlhf.budget reads this to predict what the step holds.
-CHECKPOINT_KWARGS = {"use_reentrant": True}
 
 
 def device() -> torch.device:

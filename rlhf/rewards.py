@@ -11,13 +11,15 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf.config import _describe, read_yaml, shipped_dir
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:  # torch loads with a reward model, not with a spec: `rlhf budget` reads specs only
+    import torch
 
 
 class RewardSpec(BaseModel):
@@ -77,6 +79,7 @@ class ClassifierReward:
     """A sequence classifier scoring texts by the logit (or probability) of one named label."""
 
     def __init__(self, spec: RewardSpec):
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rlhf.resolve import resolve_model
@@ -100,8 +103,9 @@ class ClassifierReward:
             )
         self.label_index = matches[0]
 
-    @torch.no_grad()
     def __call__(self, texts: list[str]) -> Scores:
+        import torch
+
         scores, positive = [], []
         for start in range(0, len(texts), self.spec.batch_size):
             batch = self.tokenizer(
@@ -111,7 +115,8 @@ class ClassifierReward:
                 max_length=self.spec.max_length,
                 return_tensors="pt",
             ).to(self.device)
-            logits = self.model(**batch).logits.float()
+            with torch.no_grad():
+                logits = self.model(**batch).logits.float()
             chosen = logits[:, self.label_index]
             scores.append(chosen if self.spec.score == "logit" else logits.softmax(-1)[:, self.label_index])
             positive.append(logits.argmax(-1) == self.label_index)
@@ -133,6 +138,8 @@ class CallableReward:
         self.func: Callable[[list[str]], list[float]] = func
 
     def __call__(self, texts: list[str]) -> Scores:
+        import torch
+
         values = torch.tensor([float(v) for v in self.func(list(texts))], dtype=torch.float32)
         if values.shape != (len(texts),):
             raise UserError(f"reward callable returned {values.numel()} scores for {len(texts)} texts")

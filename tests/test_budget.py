@@ -256,6 +256,25 @@ def test_grpo_components_by_hand(small_dir):
     assert "8 prompts x 8 samples" in grpo.settings
 
 
+def test_ppo_logit_chunks_by_hand(small_dir):
+    """fp32 chunks of V-wide rows alive at once (seen with torch's memory profiler): entropy 4; the log-prob backward
+    2, or 3 when the micro-batch is cut into several chunks. They grow with the vocabulary (128k-152k for Llama-3 and
+    Qwen2), where a count too high overstates PPO by 10%."""
+    recipe = small_recipe(small_dir)
+    est = budget.estimate(recipe, "ppo", 24 * GiB, CPU_REWARD)
+    V, kept = 1000, 8 + 1  # logits_to_keep = response + 1, in fp16
+    scoring_chunk = 64 * 8  # the rollout's 64 x 8 response tokens fit one chunk of <= 512
+    assert est.moments["scoring (policy + reference)"]["logits"] == 64 * kept * V * 2 + 4 * 4 * scoring_chunk * V
+    one = est.moments["update (backward)"]["logits"]
+    assert one == 2 * 1 * kept * V * 2 + 2 * 4 * 8 * V  # micro-batch 1: logits, their gradient, two fp32 chunks
+    big = {"mini_batch_size": 64, "gradient_accumulation_steps": 1}  # 64 x 8 tokens: still one chunk
+    many = {**big, "generation": GenerationConfig(min_new_tokens=16, max_new_tokens=16)}  # 64 x 16: two chunks
+    for update, chunks, response in ((big, 2, 8), (many, 3, 16)):
+        wide = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update=update)})
+        logits = budget.estimate(wide, "ppo", 24 * GiB, CPU_REWARD).moments["update (backward)"]["logits"]
+        assert logits == 2 * 64 * (response + 1) * V * 2 + chunks * 4 * 512 * V
+
+
 def test_reward_model_on_the_gpu_counts_its_weights(small_dir):
     on_gpu = budget.estimate(small_recipe(small_dir), "ppo", 24 * GiB, {**CPU_REWARD, "device": "auto"})
     weights = 4 * 66_955_010  # fp32, as lvwerra/distilbert-imdb's checkpoint
@@ -369,12 +388,13 @@ def test_nonreentrant_checkpointing_keeps_the_int8_inputs(neox20b, monkeypatch):
 def test_budget_follows_modelings_checkpointing(monkeypatch):
     import inspect
 
-    from rlhf import modeling
+    from rlhf import checkpointing, modeling
 
     source = inspect.getsource(modeling.prepare_for_training)
-    assert budget.checkpoint_reentrant() == ('"use_reentrant": True' in source or "use_reentrant" not in source)
-    monkeypatch.setattr(modeling, "CHECKPOINT_KWARGS", {"use_reentrant": True}, raising=False)
+    assert "kwargs=CHECKPOINT_KWARGS" in source and modeling.CHECKPOINT_KWARGS is checkpointing.CHECKPOINT_KWARGS
     assert budget.checkpoint_reentrant()
+    monkeypatch.setattr(checkpointing, "CHECKPOINT_KWARGS", {"use_reentrant": False})
+    assert not budget.checkpoint_reentrant()
 
 
 def test_gpt_neox_20b_ppo_at_12gib_ranks_reestimated_suggestions(neox20b):

@@ -9,7 +9,7 @@ from rlhf.config import PACKAGE_DIR, available_recipes, load_recipe, recipes_dir
 from rlhf.errors import UserError
 from rlhf.rewards import load_spec
 
-EXPECTED_RECIPES = {"gpt-neox-20b", "quickstart", "memorize"}
+EXPECTED_RECIPES = {"gpt-neox-20b", "llama-3.1-8b", "qwen2.5-14b", "quickstart", "memorize"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_RECIPES))
@@ -22,6 +22,26 @@ def test_shipped_recipe_loads(name):
 
 def test_all_recipes_shipped():
     assert EXPECTED_RECIPES <= set(available_recipes())
+
+
+@pytest.mark.parametrize("name", ["gpt-neox-20b", "llama-3.1-8b", "qwen2.5-14b"])
+@pytest.mark.parametrize("step", ["sft", "ppo"])
+def test_24gb_recipes_fit_24gib(name, step):
+    from rlhf.budget import estimate, gpu_bytes
+
+    assert estimate(load_recipe(name), step, gpu_bytes("24GiB")).fits
+
+
+def test_readme_fit_table_is_current():
+    import importlib.util
+
+    path = PACKAGE_DIR.parent / "benchmarks" / "fit_table.py"
+    spec = importlib.util.spec_from_file_location("fit_table", path)
+    fit_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_table)
+    readme = fit_table.README.read_text()
+    shown = readme[readme.index(fit_table.BEGIN) + len(fit_table.BEGIN) : readme.index(fit_table.END)].strip()
+    assert shown == fit_table.table(), "README's fit table is stale: run python benchmarks/fit_table.py --write"
 
 
 @pytest.mark.parametrize("name", ["imdb-sentiment", "quickstart-sentiment"])

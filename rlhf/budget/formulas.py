@@ -203,10 +203,10 @@ def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, d: int) -> int:
 
 
 def chunk_tokens(batch: int, length: int) -> int:
-    """Tokens in the largest fp32 chunk `rlhf.ppo.core` cuts logits [batch, length, V] into (by its own `_chunks`)."""
-    from rlhf.ppo.core import DEFAULT_CHUNK_TOKENS, _chunks
+    """Tokens in the largest fp32 chunk `rlhf.ppo.core` cuts logits [batch, length, V] into (by its own slicing)."""
+    from rlhf.ppo.chunks import DEFAULT_CHUNK_TOKENS, chunk_slices
 
-    chunks = _chunks(batch, length, DEFAULT_CHUNK_TOKENS)
+    chunks = chunk_slices(batch, length, DEFAULT_CHUNK_TOKENS)
     return max((len(range(batch)[rows]) * len(range(length)[tokens]) for rows, tokens in chunks), default=0)
 
 

@@ -36,11 +36,11 @@ PROCESS_RAM = 512 * MiB  # Python + torch + transformers, for a planned merge (a
 
 
 def checkpoint_reentrant() -> bool:
-    """Whether rlhf's gradient checkpointing is reentrant: what `modeling.CHECKPOINT_KWARGS` passes to
-    gradient_checkpointing_enable (transformers' default is reentrant)."""
-    from rlhf import modeling
+    """Whether rlhf's gradient checkpointing is reentrant: what `modeling` passes to gradient_checkpointing_enable
+    (`rlhf.checkpointing.CHECKPOINT_KWARGS`; transformers' default is reentrant)."""
+    from rlhf import checkpointing
 
-    return bool(modeling.CHECKPOINT_KWARGS.get("use_reentrant", True))
+    return bool(checkpointing.CHECKPOINT_KWARGS.get("use_reentrant", True))
 
 
 def lora_targets(shape: ModelShape, lora: LoraConfig) -> list[str]:
@@ -157,7 +157,8 @@ def rl_moments(
     scoring = {
         **resident,
         "activations": inference_per_token(shape, s) * rollout * seq + inference_fixed(shape, s),
-        "logits": rollout * kept * V * d + 5 * 4 * chunk * V,  # + entropy's fp32 chunk: float, log_softmax, exp, ...
+        # + entropy's four fp32 chunks at once: log_softmax, its exp, the masked log-probs, their product
+        "logits": rollout * kept * V * d + 4 * 4 * chunk * V,
         # the last hidden state (a view that keeps the final norm's whole output) and the head's fp32 copy
         "value_head": resident["value_head"] + (rollout * seq * h * d + 4 * rollout * response * h) * has_value_head,
     }
@@ -168,6 +169,9 @@ def rl_moments(
     # 4. update: micro-batches of `micro` sequences, with grad (checkpointing as the recipe says).
     at_loss, at_backward = train_activations(shape, s, micro, seq, cfg.gradient_checkpointing)
     chunk = chunk_tokens(micro, response)
+    # the log-prob backward holds two fp32 chunks (x - logsumexp, its exp), and the previous chunk's gradient until the
+    # next replaces it when there are several (measured with torch's memory profiler, fp16 and fp32 logits alike)
+    backward_chunks = 2 if chunk == micro * response else 3
     grads = 4 * (n_lora + value_params)
     # the value head's input kept (a view of the final norm's output) and its saved fp32 copy
     head = resident["value_head"] + (micro * seq * h * d + 4 * micro * response * h) * has_value_head
@@ -184,7 +188,7 @@ def rl_moments(
         "gradients": grads,
         "activations": at_backward,
         "value_head": head,
-        "logits": 2 * update_logits + 4 * 4 * chunk * V,  # logits kept for backward, their gradient, fp32 chunks
+        "logits": 2 * update_logits + backward_chunks * 4 * chunk * V,  # logits kept, their gradient, fp32 chunks
     }
     moments = {
         "generation (KV cache)": generation,

@@ -1,15 +1,31 @@
 """Model shapes without weights: config.json (from a fixture, a local directory, the HF cache, the configs shipped in
-rlhf/model_configs/, or the hub) instantiated on the meta device, for exact parameter counts and every Linear's size."""
+rlhf/model_configs/, or the hub) instantiated on the meta device, for exact parameter counts and every Linear's size.
+
+Building the meta model means importing torch and transformers: most of the time `rlhf budget` would take. So a shape
+is a plain JSON value, computed once per config text:
+
+    shipped   rlhf/model_configs/ORG/NAME/shape.json beside each config.json (benchmarks/write_shapes.py rewrites
+              them; a test recomputes each with the installed transformers, so a stale one fails CI)
+    cached    CACHE/shapes/KEY.json for any other config (CACHE: $RLHF_CACHE or the user cache dir); KEY hashes the
+              config text, the kind of model, trust_remote_code, the installed transformers version and SHAPE_FORMAT
+    computed  on the meta device, then cached
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rlhf.config import PACKAGE_DIR
 from rlhf.errors import UserError
+from rlhf.io import atomic_write_text
+
+SHAPE_FORMAT = 1  # bump when ModelShape's fields or how they are computed change: every cached shape is then redone
 
 
 def shipped_configs_dir() -> Path:
@@ -121,11 +137,85 @@ def model_shape(
     what: str = "model",
 ) -> ModelShape:
     config_path = find_config(name, revision, what)
-    return _shape_from_config(config_path.read_text(), str(config_path), name, kind, trust_remote_code)
+    return _shape(config_path.read_text(), str(config_path), name, kind, trust_remote_code)
 
 
 @functools.lru_cache(maxsize=32)
-def _shape_from_config(text: str, config_path: str, name: str, kind: str, trust_remote_code: bool) -> ModelShape:
+def _shape(text: str, config_path: str, name: str, kind: str, trust_remote_code: bool) -> ModelShape:
+    """The shipped shape of this config text, else the cached one, else computed (torch) and cached."""
+    stored = _shipped_shape(Path(config_path), text, kind)
+    if stored is not None:
+        return _from_json(stored, name, config_path)
+    cache = shape_cache_path(text, kind, trust_remote_code)
+    try:
+        return _from_json(json.loads(cache.read_text()), name, config_path)
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or cut short / of another layout: compute again
+        pass
+    shape = compute_shape(text, config_path, name, kind, trust_remote_code)
+    try:
+        atomic_write_text(cache, render_shape(shape, text, kind))
+    except OSError:  # a read-only cache only costs the next budget the same wait
+        pass
+    return shape
+
+
+def _shipped_shape(config_path: Path, text: str, kind: str) -> dict[str, Any] | None:
+    if not config_path.is_relative_to(shipped_configs_dir()):
+        return None
+    try:
+        data = json.loads(config_path.with_name("shape.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fresh = data.get("format") == SHAPE_FORMAT and data.get("config_sha256") == _sha256(text)
+    return data if fresh and data.get("kind") == kind else None
+
+
+def shape_cache_path(text: str, kind: str, trust_remote_code: bool) -> Path:
+    """CACHE/shapes/KEY.json: a new transformers (which may build a model differently) or format gets a new key."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from rlhf.fixtures import cache_root
+
+    try:
+        transformers = version("transformers")  # the installed version, read without importing it
+    except PackageNotFoundError:
+        transformers = "none"
+    key = _sha256(json.dumps([SHAPE_FORMAT, transformers, kind, trust_remote_code, text]))
+    return cache_root() / "shapes" / f"{key}.json"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_PER_REQUEST = ("name", "config_path")  # how the shape was asked for, not what the config says
+
+
+def render_shape(shape: ModelShape, text: str, kind: str) -> str:
+    """The shape as JSON: one field a line and one linear a line ([name, in, out, bias, quantized]), so that a
+    regenerated shipped file diffs readably; `config_sha256` ties it to the config text it was computed from."""
+    head = {"format": SHAPE_FORMAT, "kind": kind, "config_sha256": _sha256(text)}
+    fields = {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape) if f.name not in _PER_REQUEST}
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
+    for key, value in fields.items():
+        if key in ("linears", "layer_linears"):
+            rows = ",\n".join(f"    {json.dumps(dataclasses.astuple(lin))}" for lin in value)
+            lines.append(f"  {json.dumps(key)}: [\n{rows}\n  ]")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _from_json(data: dict[str, Any], name: str, config_path: str) -> ModelShape:
+    fields = {f.name for f in dataclasses.fields(ModelShape)} - set(_PER_REQUEST)
+    values = {key: data[key] for key in fields}
+    for key in ("linears", "layer_linears"):
+        values[key] = tuple(LinearShape(*row) for row in data[key])
+    return ModelShape(name=name, config_path=config_path, **values)
+
+
+def compute_shape(text: str, config_path: str, name: str, kind: str, trust_remote_code: bool) -> ModelShape:
+    """The shape of a meta-device instance of the config (imports torch and transformers: seconds)."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -189,3 +279,13 @@ def _shape_from_config(text: str, config_path: str, name: str, kind: str, trust_
         attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa",
         checkpoint_dtype=str(dtype).removeprefix("torch."),
     )
+
+
+def shipped_shape_text(config: Path) -> str:
+    """What rlhf/model_configs/ORG/NAME/shape.json holds: the shape computed from the config.json beside it, as a
+    causal LM (or a sequence classifier for a config whose architecture is one, e.g. the reward model's)."""
+    text = config.read_text()
+    causal = any(a.endswith("ForCausalLM") for a in json.loads(text).get("architectures", []))
+    kind = "causal-lm" if causal else "sequence-classification"
+    name = str(config.parent.relative_to(shipped_configs_dir()))
+    return render_shape(compute_shape(text, str(config), name, kind, False), text, kind)

@@ -21,18 +21,23 @@ ram.py       the RAM and disk a merge needs (`rlhf budget` plans a merge with th
 card.py      the merged model's README.md
 """
 
-from rlhf.merge.adapters import KeyMap
-from rlhf.merge.combine import combine_adapters
-from rlhf.merge.io import max_shard_bytes
-from rlhf.merge.step import MergeResult, merge_checkpoint, run
-from rlhf.merge.verify import MergeCheckFailed
+import importlib
 
-__all__ = [
-    "KeyMap",
-    "MergeCheckFailed",
-    "MergeResult",
-    "combine_adapters",
-    "max_shard_bytes",
-    "merge_checkpoint",
-    "run",
-]
+# Each name loads its module on first use: `rlhf budget` plans a merge with ram.py's formula, and importing step.py,
+# io.py and the rest would import torch for it (seconds, for a command that should answer at once).
+_EXPORTS = {
+    "KeyMap": "adapters",
+    "MergeCheckFailed": "verify",
+    "MergeResult": "step",
+    "combine_adapters": "combine",
+    "max_shard_bytes": "io",
+    "merge_checkpoint": "step",
+    "run": "step",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rlhf.merge' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"rlhf.merge.{_EXPORTS[name]}"), name)

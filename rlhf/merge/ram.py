@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
 
 from rlhf.errors import DoesNotFit
-from rlhf.merge.adapters import MergePlan
-from rlhf.merge.io import TensorEntry, group_by_file, output_dtype
 from rlhf.units import format_bytes
+
+if TYPE_CHECKING:  # the merge's own modules import torch; the budget's use of this file must not
+    import torch
+
+    from rlhf.merge.adapters import MergePlan
+    from rlhf.merge.io import TensorEntry
 
 
 def working_set_bytes(numel: int, in_bytes: int, out_bytes: int, *, merged: bool, cast: bool) -> int:
@@ -35,6 +39,7 @@ def peak_ram_parts(process_bytes: int, adapter_bytes: int, largest_working_set: 
 
 def largest_working_set(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype) -> int:
     """The largest `working_set_bytes` among the checkpoint's tensors, merged into `dtype`."""
+    from rlhf.merge.io import output_dtype
 
     def need(entry: TensorEntry) -> int:
         out = output_dtype(entry.dtype, dtype)
@@ -56,6 +61,8 @@ def check_fits(
     predicted: int, out_bytes: int, out_dir: Path, entries: list[TensorEntry], adapter_bytes: int, force: bool
 ) -> None:
     """Print the RAM and disk the merge needs; raise DoesNotFit when this machine lacks them (unless force)."""
+    from rlhf.merge.io import group_by_file
+
     now = psutil.Process().memory_info().rss
     available = psutil.virtual_memory().available
     existing = next(p for p in [out_dir, *out_dir.parents] if p.exists())

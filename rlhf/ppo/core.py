@@ -8,19 +8,15 @@ better"; losses are to be minimised.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from rlhf.ppo.chunks import DEFAULT_CHUNK_TOKENS, chunk_slices
+
 KL_KINDS = ("k1", "k3", "abs", "mse")
 KL_CONTROLLER_KINDS = ("adaptive", "fixed")
-
-# Tokens (rows of the vocabulary axis) turned into fp32 at a time. gpt-neox-20b's vocabulary is 50,432 wide, so a
-# full fp32 log_softmax of a 256 x 24 rollout is 1.2 GB on a 24 GB card that already holds the model; one chunk of
-# 512 tokens is 0.1 GB.
-DEFAULT_CHUNK_TOKENS = 512
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -38,24 +34,6 @@ def exact_div(a: int, b: int, what: str) -> int:
 # Log-probs and entropy from logits, chunked
 
 
-def _chunks(batch: int, length: int, chunk_tokens: int) -> Iterator[tuple[slice, slice]]:
-    """(batch, time) slices covering [batch, length] with at most `chunk_tokens` tokens each.
-
-    Slicing (not reshaping) keeps each chunk a view: logits cut as `out.logits[:, p:-1]` are not contiguous, and a
-    reshape of them would copy the whole tensor.
-    """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens ({chunk_tokens}) must be a positive integer")
-    if length <= chunk_tokens:
-        rows = max(1, chunk_tokens // max(length, 1))
-        for b in range(0, batch, rows):
-            yield slice(b, b + rows), slice(None)
-    else:
-        for b in range(batch):
-            for t in range(0, length, chunk_tokens):
-                yield slice(b, b + 1), slice(t, t + chunk_tokens)
-
-
 class _TokenLogprobs(torch.autograd.Function):
     """log p(token) = logit[token] - logsumexp(logits), computed and differentiated one fp32 chunk at a time.
 
@@ -69,7 +47,7 @@ class _TokenLogprobs(torch.autograd.Function):
         batch, length, _ = logits.shape
         out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(out)
-        for bs, ts in _chunks(batch, length, chunk_tokens):
+        for bs, ts in chunk_slices(batch, length, chunk_tokens):
             chunk = logits[bs, ts].float()
             lse[bs, ts] = torch.logsumexp(chunk, dim=-1)
             out[bs, ts] = chunk.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1) - lse[bs, ts]
@@ -81,7 +59,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
         logits, tokens, lse = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        for bs, ts in _chunks(logits.shape[0], logits.shape[1], ctx.chunk_tokens):
+        for bs, ts in chunk_slices(logits.shape[0], logits.shape[1], ctx.chunk_tokens):
             g = grad_out[bs, ts].float().unsqueeze(-1)
             # d/dx (x[tok] - logsumexp(x)) = onehot(tok) - softmax(x)
             grad = -g * torch.exp(logits[bs, ts].float() - lse[bs, ts].unsqueeze(-1))
@@ -108,7 +86,7 @@ def entropy_from_logits(logits: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     """
     batch, length, _ = logits.shape
     out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
-    for bs, ts in _chunks(batch, length, chunk_tokens):
+    for bs, ts in chunk_slices(batch, length, chunk_tokens):
         logp = torch.log_softmax(logits[bs, ts].float(), dim=-1)
         p = logp.exp()
         # 0 * log 0 counts as 0: a -inf logit (a masked-out token) must not turn the entropy into nan.
