@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 a bug or a failed self-check; 2 a mistake in the input (th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gpu(p)
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of the table")
+    p.add_argument("--list", action="store_true", help="list the models whose shapes ship with rlhf (no hub needed)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
     p = sub.add_parser("preview", help="show the first training examples exactly as the model will see them")
@@ -388,6 +390,17 @@ def _halved(step: str, recipe):
 def cmd_budget(args) -> int:
     from rlhf import budget
 
+    if args.list:
+        from rlhf.budget.shapes import shipped_models
+
+        rows = shipped_models()
+        if args.json:
+            print(json.dumps([{"model": m, "model_type": t, "params": n, "layers": k} for m, t, n, k in rows]))
+        else:
+            print("models whose shapes ship with rlhf (`rlhf budget --model ID` works offline for these):")
+            for model, kind, params, layers in rows:
+                print(f"  {model:<34} {kind:<10} {params / 1e9:6.2f} B parameters, {layers} layers")
+        return 0
     recipe = resolve_recipe(args, default=None)
     return budget.main(recipe, args.step, args.gpu, args.json)
 

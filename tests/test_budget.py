@@ -477,3 +477,15 @@ def test_auto_fit_keeps_the_effective_batch(small_dir, monkeypatch):
     fitted = budget.auto_fit(recipe, "grpo", "1TiB")
     assert fitted.grpo.mini_batch_size == recipe.grpo.mini_batch_size and fitted.grpo.gradient_accumulation_steps == 1
     assert fitted.grpo.rollout_batch_size == 64  # every sequence of a step (8 prompts x 8 samples) at once
+
+
+def test_budget_list_names_the_shipped_models(capsys):
+    from conftest import cli
+
+    assert cli("budget", "--list") == 0
+    out = capsys.readouterr().out
+    for model in ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-14B",
+                  "mistralai/Mistral-7B-v0.3", "google/gemma-2-9b", "microsoft/phi-4", "EleutherAI/pythia-12b",
+                  "EleutherAI/gpt-neox-20b"):  # fmt: skip
+        assert model in out, model
+    assert "20.55 B parameters" in out and "lvwerra/distilbert-imdb" not in out  # causal LMs only

@@ -41,6 +41,20 @@ def shipped_config(name: str) -> Path | None:
     return None
 
 
+def shipped_models() -> list[tuple[str, str, int, int]]:
+    """(hub id, model type, parameters, layers) of every model whose shape ships with rlhf, by hub id."""
+    root = shipped_configs_dir()
+    rows = []
+    for path in sorted(root.glob("*/*/shape.json"), key=lambda p: str(p).lower()):
+        data = json.loads(path.read_text())
+        if data.get("kind") != "causal-lm":
+            continue
+        config = json.loads(path.with_name("config.json").read_text())
+        layers = config.get("num_hidden_layers") or config.get("n_layer") or 0
+        rows.append((str(path.parent.relative_to(root)), data["model_type"], int(data["params"]), int(layers)))
+    return rows
+
+
 def find_config(name: str, revision: str | None = None, what: str = "model") -> Path:
     """config.json for a fixture, a local directory, the HF cache, the configs shipped with rlhf, or (last) the hub.
 
