@@ -1,5 +1,12 @@
-"""`rlhf merge` itself: the arguments, the run's record, and the stream that reads, merges, checks and writes each
-tensor in turn."""
+"""Step 2, `rlhf merge`: the SFT adapter added into the fp16 base, one tensor in RAM at a time.
+
+1. check the arguments and the run; a merge already done (same fingerprint) says so, unless --force
+2. predict the RAM and disk it needs (rlhf.merge.ram) and refuse what does not fit (exit 3)
+3. stream: read each base tensor (io), add scaling x B @ A where the adapter targets it (W + s.BA in fp32), check it
+   against peft's own delta (verify), write it to its shard
+4. probe the logits of merged vs base + adapter when the model fits in RAM; write the card and merge.json
+5. rename the finished directory into place: a reader sees no merged model or the whole one
+"""
 
 from __future__ import annotations
 
