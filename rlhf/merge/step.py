@@ -89,10 +89,10 @@ def run(
 ) -> MergeResult:
     """Merge RUN/sft/adapter (or several adapters, combined by peft) into the recipe's base model: RUN/merged."""
     start = time.perf_counter()
-    run_ = existing_run(run_dir, "merge")
-    recipe = run_.load_recipe()
+    training_run = existing_run(run_dir, "merge")
+    recipe = training_run.load_recipe()
     dtype = dtype or recipe.merge.dtype
-    adapter_dirs, weights = _check_args(run_, dtype, adapters, weights, method, density)
+    adapter_dirs, weights = _check_args(training_run, dtype, adapters, weights, method, density)
     for adapter_dir in adapter_dirs:
         check_supported(adapter_dir, adapter_config(adapter_dir))
 
@@ -108,8 +108,8 @@ def run(
             "density": density if combined and method in ("ties", "dare_ties") else None,
         },
     )
-    if run_.merged.exists() and not force:
-        return _already_merged(run_.merged, fingerprint, start)
+    if training_run.merged.exists() and not force:
+        return _already_merged(training_run.merged, fingerprint, start)
 
     base_dir = resolve_model(recipe.model.name, recipe.model.revision)
     for adapter_dir in adapter_dirs:
@@ -121,7 +121,7 @@ def run(
         "adapters": [str(d) for d in adapter_dirs],
         "weights": weights if combined else None,
         "method": method if combined else None,
-        "recipe": str(run_.recipe_path),
+        "recipe": str(training_run.recipe_path),
         "recipe_yaml": recipe.to_yaml(),
         "data": f"{recipe.data.dataset} (split {recipe.data.train_split}, column {recipe.data.text_column})",
         "fingerprint": fingerprint,
@@ -135,14 +135,14 @@ def run(
         provenance=provenance,
     )
     if not combined:
-        return merge_checkpoint(base_dir, adapter_dirs[0], run_.merged, **options)
+        return merge_checkpoint(base_dir, adapter_dirs[0], training_run.merged, **options)
     with tempfile.TemporaryDirectory(prefix="rlhf-combined-") as tmp:
         adapter = combine_adapters(adapter_dirs, weights, method, Path(tmp), density=density)
-        return merge_checkpoint(base_dir, adapter, run_.merged, **options)
+        return merge_checkpoint(base_dir, adapter, training_run.merged, **options)
 
 
 def _check_args(
-    run_: Run, dtype: str, adapters: list[str] | None, weights: list[float] | None, method: str, density: float
+    training_run: Run, dtype: str, adapters: list[str] | None, weights: list[float] | None, method: str, density: float
 ) -> tuple[list[Path], list[float]]:
     problems = []
     if dtype not in OUTPUT_DTYPES:
@@ -161,9 +161,9 @@ def _check_args(
         raise UserError("; ".join(problems))
 
     if not adapters:
-        if not (run_.sft_adapter / "adapter_config.json").is_file():
-            raise UserError(f"no SFT adapter in {run_.root} ({run_.sft_adapter} is missing); run `rlhf sft` first")
-        return [run_.sft_adapter], [1.0]
+        if not (training_run.sft_adapter / "adapter_config.json").is_file():
+            raise UserError(f"no SFT adapter in {training_run.root} ({training_run.sft_adapter} is missing); run `rlhf sft` first")
+        return [training_run.sft_adapter], [1.0]
     adapter_dirs = [Path(a).expanduser() for a in adapters]
     for adapter_dir in adapter_dirs:
         if not (adapter_dir / "adapter_config.json").is_file():
