@@ -162,7 +162,9 @@ def _check_args(
 
     if not adapters:
         if not (training_run.sft_adapter / "adapter_config.json").is_file():
-            raise UserError(f"no SFT adapter in {training_run.root} ({training_run.sft_adapter} is missing); run `rlhf sft` first")
+            raise UserError(
+                f"no SFT adapter in {training_run.root} ({training_run.sft_adapter} is missing); run `rlhf sft` first"
+            )
         return [training_run.sft_adapter], [1.0]
     adapter_dirs = [Path(a).expanduser() for a in adapters]
     for adapter_dir in adapter_dirs:
