@@ -187,7 +187,7 @@ def test_gradient_accumulation_gives_the_same_gradient(merged_run, tmp_path):
     assert len(set(rollout.response_mask.sum(1).tolist())) > 1, "ragged responses, or the token weighting is untested"
     grads = []
     for accumulation in (1, 2):
-        cfg = trainer.cfg.model_copy(update={"gradient_accumulation_steps": accumulation})
+        cfg = trainer.cfg.model_copy(update={"gradient_accumulation_steps": accumulation, "entropy_coef": 0.0})
         recorder = Recorder(trainer.params)
         opt = Optimisation(trainer.policy, trainer.params, recorder, trainer.parallel)
         optimise(rollout, rollout.scores.float(), opt, cfg, 0.1, order, torch.Generator(), Timer())
