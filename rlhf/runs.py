@@ -1,6 +1,7 @@
 """The run directory: where each step reads its inputs and writes its outputs (DESIGN.md, "Run directory contract").
 
     RUN/recipe.yaml  sft/adapter  sft/metrics.jsonl  merged/  ppo/adapter  ppo/checkpoints/step-N  ppo/metrics.jsonl
+    RUN/reward/adapter  reward/checkpoints/step-N  reward/metrics.jsonl  reward/eval.json  (rlhf reward)
 
 With no `--run`, `sft` starts a new directory under runs/ and every step after it works on the most recent one,
 recorded as the symlink runs/latest (or the text file runs/LATEST where symlinks are not available).
@@ -56,6 +57,18 @@ class Run:
     @property
     def ppo_checkpoints(self) -> Path:
         return self.root / "ppo" / "checkpoints"
+
+    @property
+    def reward_dir(self) -> Path:
+        return self.root / "reward"
+
+    @property
+    def reward_adapter(self) -> Path:
+        return self.root / "reward" / "adapter"
+
+    @property
+    def reward_checkpoints(self) -> Path:
+        return self.root / "reward" / "checkpoints"
 
     def load_recipe(self) -> Recipe:
         if not self.recipe_path.is_file():
