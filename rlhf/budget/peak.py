@@ -3,13 +3,14 @@ is planned against. `Estimate` is what the report, the suggestions and the pre-f
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf.budget.device import CUDA_CONTEXT, ram_device, resolve_device
-from rlhf.budget.moments import merge_ram, ppo_moments, sft_moments
+from rlhf.budget.moments import lora_targets, merge_ram, ppo_moments, reward_moments, sft_moments
 from rlhf.budget.shapes import model_shape
 from rlhf.config import Recipe
 from rlhf.errors import UserError
@@ -27,7 +28,7 @@ COMPONENTS = (
     "reward_model",
     "overhead",
 )
-STEPS = ("sft", "merge", "ppo")
+STEPS = ("sft", "merge", "reward", "ppo")
 FRAGMENTATION = 0.10  # of the bytes allocated and freed during a step (activations, logits, KV cache, gradients)
 ASSUMED_REWARD_MODEL = "lvwerra/distilbert-imdb"  # sized, with a spec's defaults, when the spec cannot be read
 
@@ -85,11 +86,32 @@ class Estimate:
         }
 
 
-def load_reward_spec(name: str) -> dict[str, Any]:
+def load_reward_spec(name: str, recipe: Recipe | None = None) -> dict[str, Any]:
     """The reward spec's fields the budget needs (model, batch_size, device, max_length); a distilbert-base-sized
-    classifier with a spec's defaults when the spec cannot be found or read (the step itself reports that error)."""
+    classifier with a spec's defaults when the spec cannot be found or read (the step itself reports that error).
+
+    A reward model of `rlhf reward` (RUN/reward) is {"adapter": {rank, targets, path}}: its adapter's own config, or,
+    for a RUN/reward that does not exist yet, the recipe's reward_model.lora. With `recipe.reward.judge`, the judge's
+    classifier is added as "judge"."""
+    spec = _reward_fields(name, recipe)
+    if recipe is not None and recipe.reward.judge:
+        spec["judge"] = _reward_fields(recipe.reward.judge, None)
+    return spec
+
+
+def _reward_fields(name: str, recipe: Recipe | None) -> dict[str, Any]:
+    from rlhf.reward_model.model import reward_adapter_dir
     from rlhf.rewards import RewardSpec, load_spec
 
+    adapter = reward_adapter_dir(name)
+    if adapter is not None:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        targets = config["target_modules"]
+        return {"adapter": {"rank": config["r"], "targets": sorted(targets), "path": str(adapter)}, "model": None}
+    if recipe is not None and Path(name).name == "reward" and not Path(name).exists():
+        lora = recipe.reward_model.lora
+        shape = model_shape(recipe.model.name, recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+        return {"adapter": {"rank": lora.rank, "targets": lora_targets(shape, lora)}, "model": None}
     try:
         spec, assumed = load_spec(name), {}
     except UserError:
@@ -122,7 +144,7 @@ def estimate(
     device_description: str = "",
     disk_path: Path | str | None = None,
 ) -> Estimate:
-    """The predicted peak memory of `step` (sft | merge | ppo) for `recipe`, against `device_bytes`.
+    """The predicted peak memory of `step` (sft | merge | reward | ppo) for `recipe`, against `device_bytes`.
 
     `device_bytes` None: the device `resolve_device` picks (merge: free RAM). `device_kind`: "cuda" plans for a GPU
     (CUDA context counted; the reward model counts only if its spec puts it on the GPU), "cpu" for a CPU run;
@@ -151,8 +173,11 @@ def estimate(
         if step == "sft":
             raw, settings, notes = sft_moments(recipe, shape, device_kind)
             static = ("weights", "lora", "optimizer")
+        elif step == "reward":
+            raw, settings, notes = reward_moments(recipe, shape, device_kind)
+            static = ("weights", "lora", "optimizer")
         else:
-            spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name)
+            spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name, recipe)
             reward_spec = spec
             raw, settings, notes = ppo_moments(recipe, shape, device_kind, spec)
             static = ("weights", "lora", "optimizer", "value_head", "reward_model")
