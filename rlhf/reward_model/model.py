@@ -48,7 +48,8 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 def sequence_scores(model, head: ScoreHead, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """[B] scores: the head on the last real token's final hidden state, positions counted over real tokens (as the
-    policy counts them, so left padding changes nothing)."""
+    policy counts them, so left padding changes nothing). Texts end with EOS (as trl's reward trainer ends them): the
+    score is read at the same token whatever the text, not at whichever word it stopped on."""
     body = model.get_base_model().base_model  # the decoder without its LM head
     hidden = body(
         input_ids=input_ids,
@@ -148,6 +149,11 @@ class SharedBaseReward:
     def score_tokens(self, texts: list[str], input_ids: Tensor, attention_mask: Tensor):
         from rlhf.rewards import Scores
 
+        # The score is read at an EOS after the text, as in training. Appended as a last column: pads between the
+        # text and it are masked and positions count real tokens only, so it sits right after each row's text.
+        eos = torch.full_like(input_ids[:, :1], self.tokenizer.eos_token_id)
+        input_ids = torch.cat([input_ids, eos], 1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         scores = []
         with self.active():
             for start in range(0, len(input_ids), self.batch_size):
