@@ -11,10 +11,11 @@ from conftest import cli
 COMMANDS = {
     "sft": ["--recipe", "--model", "--dataset", "--run", "--gpu", "--resume", "--force", "--auto-fit"],
     "merge": ["--run", "--dtype", "--adapters", "--weights", "--method", "--force"],
+    "reward": ["--recipe", "--dataset", "--run", "--gpu", "--resume", "--force"],
     "ppo": ["--recipe", "--reward", "--run", "--gpu", "--resume", "--force", "--auto-fit"],
     "budget": ["--recipe", "--model", "--step", "--gpu", "--json"],
     "preview": ["--recipe", "-n"],
-    "quickstart": ["--run"],
+    "quickstart": ["--run", "--reward-model"],
     "report": ["--run"],
 }
 

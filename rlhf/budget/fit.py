@@ -51,7 +51,7 @@ def _set(recipe: Recipe, key: str, value: Any) -> Recipe:
 def apply_changes(recipe: Recipe, spec: dict | None, changes: tuple[Change, ...]) -> tuple[Recipe, dict | None]:
     for change in changes:
         if change.key == "reward.device":
-            spec = {**(spec or load_reward_spec(recipe.reward.name, recipe)), "device": change.value}
+            spec = {**(spec or load_reward_spec(recipe.reward.name)), "device": change.value}
         else:
             recipe = _set(recipe, change.key, change.value)
     return recipe, spec

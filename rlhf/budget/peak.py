@@ -11,7 +11,7 @@ from typing import Any
 
 from rlhf.budget.device import CUDA_CONTEXT, ram_device, resolve_device
 from rlhf.budget.moments import lora_targets, merge_ram, ppo_moments, reward_moments, sft_moments
-from rlhf.budget.shapes import model_shape
+from rlhf.budget.shapes import ModelShape, model_shape
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.units import format_bytes
@@ -86,32 +86,21 @@ class Estimate:
         }
 
 
-def load_reward_spec(name: str, recipe: Recipe | None = None) -> dict[str, Any]:
+def load_reward_spec(name: str) -> dict[str, Any]:
     """The reward spec's fields the budget needs (model, batch_size, device, max_length); a distilbert-base-sized
     classifier with a spec's defaults when the spec cannot be found or read (the step itself reports that error).
 
-    A reward model of `rlhf reward` (RUN/reward) is {"adapter": {rank, targets, path}}: its adapter's own config, or,
-    for a RUN/reward that does not exist yet, the recipe's reward_model.lora. With `recipe.reward.judge`, the judge's
-    classifier is added as "judge"."""
-    spec = _reward_fields(name, recipe)
-    if recipe is not None and recipe.reward.judge:
-        spec["judge"] = _reward_fields(recipe.reward.judge, None)
-    return spec
-
-
-def _reward_fields(name: str, recipe: Recipe | None) -> dict[str, Any]:
+    A reward model of `rlhf reward` (RUN/reward) is {"adapter": {rank, targets, path}}, from its adapter's config; a
+    RUN/reward that does not exist yet is {"adapter": {}}, planned from the recipe (`with_recipe`)."""
     from rlhf.reward_model.model import reward_adapter_dir
     from rlhf.rewards import RewardSpec, load_spec
 
     adapter = reward_adapter_dir(name)
     if adapter is not None:
         config = json.loads((adapter / "adapter_config.json").read_text())
-        targets = config["target_modules"]
-        return {"adapter": {"rank": config["r"], "targets": sorted(targets), "path": str(adapter)}, "model": None}
-    if recipe is not None and Path(name).name == "reward" and not Path(name).exists():
-        lora = recipe.reward_model.lora
-        shape = model_shape(recipe.model.name, recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-        return {"adapter": {"rank": lora.rank, "targets": lora_targets(shape, lora)}, "model": None}
+        return {"adapter": {"rank": config["r"], "targets": sorted(config["target_modules"]), "path": str(adapter)}}
+    if Path(name).name == "reward" and not Path(name).exists():
+        return {"adapter": {}}
     try:
         spec, assumed = load_spec(name), {}
     except UserError:
@@ -120,6 +109,18 @@ def _reward_fields(name: str, recipe: Recipe | None) -> dict[str, Any]:
         return {"model": None, "batch_size": 0, "device": "cpu", "max_length": 0, "callable": True}
     fields = {"model": spec.model, "batch_size": spec.batch_size, "device": spec.device, "max_length": spec.max_length}
     return fields | assumed
+
+
+def with_recipe(spec: dict[str, Any], recipe: Recipe, shape: ModelShape) -> dict[str, Any]:
+    """The reward spec with what the recipe adds: a planned reward adapter's LoRA (reward_model.lora, as `rlhf reward`
+    would train it) and the judge's classifier (reward.judge)."""
+    spec = dict(spec)
+    if "adapter" in spec and not spec["adapter"]:
+        lora = recipe.reward_model.lora
+        spec["adapter"] = {"rank": lora.rank, "targets": lora_targets(shape, lora)}
+    if recipe.reward.judge and "judge" not in spec:
+        spec["judge"] = load_reward_spec(recipe.reward.judge)
+    return spec
 
 
 def _finish(moments: dict[str, dict[str, int]], static: tuple[str, ...], device_kind: str) -> tuple[str, dict, int]:
@@ -177,8 +178,8 @@ def estimate(
             raw, settings, notes = reward_moments(recipe, shape, device_kind)
             static = ("weights", "lora", "optimizer")
         else:
-            spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name, recipe)
-            reward_spec = spec
+            spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name)
+            spec = reward_spec = with_recipe(spec, recipe, shape)
             raw, settings, notes = ppo_moments(recipe, shape, device_kind, spec)
             static = ("weights", "lora", "optimizer", "value_head", "reward_model")
         peak, moments, context = _finish(raw, static, device_kind)

@@ -111,6 +111,15 @@ def load_score_head(adapter_dir: Path, device: torch.device) -> ScoreHead:
     return head.to(device)
 
 
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(module, module.training) for module in model.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
+
+
 class SharedBaseReward:
     """The learned reward scored on the policy's loaded weights: the reward adapter switched on, the policy adapter
     off, under no_grad; the policy adapter is active again (with its trainability as before) when scoring ends.
@@ -123,17 +132,21 @@ class SharedBaseReward:
     def __init__(self, model, adapter_dir: Path, tokenizer, batch_size: int):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         device = next(p for p in model.parameters()).device
-        # Never trainable: loaded frozen, and every switch below restores requires_grad exactly.
+        # Never trainable: loaded frozen, and every switch below restores requires_grad exactly. peft's load_adapter
+        # also puts the whole model in eval mode; the policy's passes depend on the mode (LLM.int8, checkpointing),
+        # so each module's mode is put back.
+        modes = _modes(model)
         model.load_adapter(str(adapter_dir), adapter_name=REWARD_ADAPTER, is_trainable=False)
+        _restore(modes)
         self.head = load_score_head(adapter_dir, device).requires_grad_(False)
 
     @contextmanager
     def active(self):
         """The reward adapter on (frozen) and the model in eval mode; on exit the previous adapter, requires_grad
-        flags and mode exactly as they were. peft's set_adapter also makes the active adapter trainable and the
+        flags and modes exactly as they were. peft's set_adapter also makes the active adapter trainable and the
         others frozen, hence the flags are saved and put back."""
         model = self.model
-        previous, training = model.active_adapter, model.training
+        previous, modes = model.active_adapter, _modes(model)
         flags = [(p, p.requires_grad) for p in model.parameters()]
         model.set_adapter(REWARD_ADAPTER, inference_mode=True)
         model.eval()
@@ -143,7 +156,7 @@ class SharedBaseReward:
             model.set_adapter(previous)
             for param, flag in flags:
                 param.requires_grad_(flag)
-            model.train(training)
+            _restore(modes)
 
     @torch.no_grad()
     def score_tokens(self, texts: list[str], input_ids: Tensor, attention_mask: Tensor):
