@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help="step 3: PPO on the merged model with a reward model", epilog=EPILOG_OVERRIDES)
     _add_recipe(p)
     p.add_argument(
-        "--reward", metavar="NAME|PATH", help="a reward_models/NAME.yaml or a path to one (default: the recipe's)"
+        "--reward",
+        metavar="NAME|PATH|RUN/reward",
+        help="a reward_models/NAME.yaml, a path to one, or a reward model `rlhf reward` wrote (RUN/reward: scored "
+        "with its adapter on the policy's own weights); default: the recipe's",
     )
     _add_common_train(p)
 
@@ -123,11 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_train(p)
 
+    p = sub.add_parser(
+        "reward",
+        help="learn a reward model from preference pairs: LoRA + score head on the merged model (before ppo)",
+        epilog=EPILOG_OVERRIDES + " The recipe section is reward_model (e.g. reward_model.max_steps=200).",
+    )
+    _add_recipe(p)
+    p.add_argument(
+        "--dataset",
+        dest="preference_dataset",
+        metavar="HUB_ID|PATH",
+        help="preference pairs (columns chosen, rejected; optionally prompt): a hub dataset, a local "
+        "json/jsonl/csv/parquet file or dir, or fixture:imdb-preferences (default: the recipe's reward_model.dataset)",
+    )
+    p.add_argument("--run", metavar="DIR", help="run directory (default: runs/latest)")
+    _add_gpu(p)
+    p.add_argument("--resume", action="store_true", help="continue from the reward model's last checkpoint")
+    p.add_argument(
+        "--force", action="store_true", help="go on although the budget says it will not fit; train it again"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. reward_model.max_steps=50")
+
     p = sub.add_parser("budget", help="predict memory, component by component, and say whether it fits")
     _add_recipe(p)
     p.add_argument("--model", metavar="ALIAS|HUB_ID|PATH", help="a recipe alias, a hub id or a local dir")
     p.add_argument(
-        "--step", default="all", choices=["sft", "merge", "ppo", "grpo", "all"], help="which step (default all)"
+        "--step",
+        default="all",
+        choices=["sft", "merge", "reward", "ppo", "grpo", "all"],
+        help="which step (default all)",
     )
     _add_gpu(p)
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of the table")
@@ -149,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--algo", default="ppo", choices=["ppo", "grpo"], help="the RL step: ppo (value head) or grpo (critic-free)"
     )
     p.add_argument("--force", action="store_true", help="reuse a run directory that holds a quickstart run")
+    p.add_argument(
+        "--reward-model",
+        action="store_true",
+        help="learn the reward from preference pairs first (rlhf reward), then PPO on it; the sentiment classifier "
+        "only judges the positive rate",
+    )
 
     p = sub.add_parser("report", help="write RUN/report.md and its plots for a run")
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/latest)")
@@ -256,7 +289,7 @@ def run_recipe(args, step: str):
         recipe = resolve_recipe(args)
     else:  # the run's own recipe, with any overrides applied to it
         recipe = validate(apply_overrides(run.load_recipe().model_dump(mode="json"), list(args.overrides)))
-    if args.reward:
+    if getattr(args, "reward", None):
         recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": args.reward})})
     return run, recipe
 
@@ -294,6 +327,16 @@ def cmd_grpo(args) -> int:
         )
 
     _retry_on_oom("grpo", recipe, args, attempt)
+    return 0
+
+
+def cmd_reward(args) -> int:
+    from rlhf.reward_model import step
+
+    if args.preference_dataset:
+        args.overrides = [*args.overrides, f"reward_model.dataset={args.preference_dataset!r}"]
+    run, recipe = run_recipe(args, "train a reward model on")
+    step.run(recipe, run, resume=args.resume, force=args.force, gpu=args.gpu)
     return 0
 
 
@@ -416,7 +459,7 @@ def cmd_preview(args) -> int:
 def cmd_quickstart(args) -> int:
     from rlhf import quickstart
 
-    return quickstart.main(args.run, force=args.force, algo=args.algo)
+    return quickstart.main(args.run, force=args.force, algo=args.algo, reward_model=args.reward_model)
 
 
 def cmd_report(args) -> int:
@@ -431,6 +474,7 @@ def cmd_report(args) -> int:
 COMMANDS = {
     "sft": cmd_sft,
     "merge": cmd_merge,
+    "reward": cmd_reward,
     "ppo": cmd_ppo,
     "grpo": cmd_grpo,
     "budget": cmd_budget,

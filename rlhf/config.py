@@ -280,7 +280,48 @@ class GrpoConfig(Section):
 
 
 class RewardConfig(Section):
-    name: str = Field("imdb-sentiment", description="a reward_models/NAME.yaml or a path to such a file")
+    name: str = Field(
+        "imdb-sentiment", description="a reward_models/NAME.yaml, a path to such a file, or a RUN/reward directory"
+    )
+    judge: str | None = Field(
+        None,
+        description="a reward spec whose classifier decides `positive` (the positive rate) while the score comes "
+        "from `name`: an independent judge for a learned reward",
+    )
+
+
+class RewardModelConfig(Section):
+    """`rlhf reward`: a reward model learned from preference pairs, a LoRA adapter + score head on the merged model."""
+
+    dataset: str = Field(
+        "Anthropic/hh-rlhf", min_length=1, description="preference pairs: hub id, local file or dir, or fixture:NAME"
+    )
+    config_name: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    prompt_column: str = Field("prompt", description="optional: when present, each side is prompt + answer")
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    max_pairs: int | None = Field(None, ge=1, description="train on only the first N pairs")
+    eval_pairs: int = Field(500, ge=1, description="held-out pairs scored before and after training")
+    max_length: int = Field(512, ge=8, description="tokens per side; longer pairs are left out (counted)")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    # 2 pairs = 4 x 512 tokens a forward: gpt-neox-20b's activations then fit 24 GiB beside its 8-bit weights.
+    batch_size: int = Field(2, ge=1, description="pairs per micro-batch (each pair is two sequences)")
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    max_grad_norm: float = Field(1.0, gt=0)
+    margin: float = Field(0.0, ge=0, description="loss -log sigmoid(r_chosen - r_rejected - margin)")
+    score_penalty: float = Field(0.0, ge=0, description="+ this x mean score^2: keeps the scores near 0")
+    gradient_checkpointing: bool = True
+    save_steps: int = Field(100, ge=1)
+    seed: int = 0
 
 
 class BudgetConfig(Section):
@@ -298,6 +339,7 @@ class Recipe(Section):
     ppo: PpoConfig = Field(default_factory=PpoConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     def to_yaml(self) -> str:

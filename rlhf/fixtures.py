@@ -12,6 +12,9 @@ Real users tune EleutherAI/gpt-neox-20b on stanfordnlp/imdb with lvwerra/distilb
   automatic BOS — like gpt-neox-20b's), briefly pretrained on the train reviews so that it writes review-like text
   whose sentiment after a neutral opener is a coin flip. Saved in float32 as a normal HF model dir, so that loading
   it in 8-bit through bitsandbytes is the real path.
+- ``fixture:imdb-preferences`` stands in for a preference data set (columns ``prompt``, ``chosen``, ``rejected``):
+  pairs built from the corpus, the first words of a review and two continuations, the more favourable one chosen
+  (positive over negative, over neutral, over itself with its sentiment words swapped), for `rlhf reward`.
 - ``fixture:tiny-distilbert-imdb`` stands in for lvwerra/distilbert-imdb: a 2-layer
   ``DistilBertForSequenceClassification`` (labels NEGATIVE / POSITIVE) with its own lowercase WordPiece tokenizer,
   trained on the labelled reviews and on short fragments of them, because at PPO time it scores short texts.
@@ -46,6 +49,7 @@ FIXTURE_NAMES = {
     "fixture:imdb": "imdb",
     "fixture:tiny-gpt-neox": "tiny-gpt-neox",
     "fixture:tiny-distilbert-imdb": "tiny-distilbert-imdb",
+    "fixture:imdb-preferences": "imdb-preferences",
 }
 
 EOS_TOKEN = "<|endoftext|>"
@@ -88,6 +92,9 @@ def resolve_fixture(name: str, seed: int = 0, progress: bool = True) -> Path:
     imdb = _ensure(root / "imdb", lambda out: build_imdb(out, seed), "imdb (synthetic reviews)", progress)
     if name == "fixture:imdb":
         return imdb
+    if name == "fixture:imdb-preferences":
+        build_pairs = lambda out: build_preferences(out, imdb, seed)  # noqa: E731
+        return _ensure(root / FIXTURE_NAMES[name], build_pairs, "imdb-preferences (pairs from the corpus)", progress)
     build, what = {  # both models learn from the corpus, so it is built first
         "fixture:tiny-gpt-neox": (build_policy, f"tiny-gpt-neox (BPE tokenizer, pretraining {PRETRAIN_STEPS} steps)"),
         "fixture:tiny-distilbert-imdb": (build_reward, f"tiny-distilbert-imdb (training {CLASSIFIER_STEPS} steps)"),
@@ -380,6 +387,120 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1b. Preference pairs from the corpus
+# ---------------------------------------------------------------------------------------------------------------------
+
+PREFERENCE_PROMPT_WORDS = (2, 5)  # the prompt: the first 2-5 words of a review, like a PPO prompt of 2-8 tokens
+PREFERENCE_BODY_WORDS = (1, 12)  # words of the review's sentiment part after the opening sentence, drawn per side
+PREFERENCE_EXTRA_WORDS = 4  # up to this many words more after the first that decides a side: endings vary
+
+
+def _continuation(rng: random.Random, body: str, sign: int) -> str | None:
+    """The start of `body` that reads as `sign` (+1: cue_balance > 0, -1: < 0, 0: no sentiment word yet).
+
+    +1/-1: n words, n drawn from PREFERENCE_BODY_WORDS, extended until the words read as `sign`, then up to
+    PREFERENCE_EXTRA_WORDS more while they still do. 0: the words before the first sentiment word (maybe none).
+    None when the body never reads as `sign`.
+    """
+    words = body.split()
+    if sign == 0:
+        first = next((i for i in range(len(words)) if cue_balance(words[i])), len(words))
+        return " ".join(words[: rng.randint(0, first)])
+    n = rng.randint(*PREFERENCE_BODY_WORDS)
+    while n <= len(words) and cue_balance(" ".join(words[:n])) * sign <= 0:
+        n += 1
+    if n > len(words):
+        return None
+    extra = min(n + rng.randint(0, PREFERENCE_EXTRA_WORDS), len(words))
+    while cue_balance(" ".join(words[:extra])) * sign <= 0:
+        extra -= 1
+    return " ".join(words[:extra])
+
+
+def _swap_cues(rng: random.Random, text: str, to_sign: int) -> str:
+    """`text` with every lexicon word of the other sign replaced by a random one of `to_sign`: the same words around
+    them, the opposite judgement (so a reward model must read the sentiment words, not the sentence templates)."""
+    source, target = (NEGATIVE_CUES, _POSITIVE_WORDS) if to_sign > 0 else (POSITIVE_CUES, _NEGATIVE_WORDS)
+    return re.sub(r"[A-Za-z]+", lambda m: rng.choice(target) if m.group().lower() in source else m.group(), text)
+
+
+_POSITIVE_WORDS, _NEGATIVE_WORDS = sorted(POSITIVE_CUES), sorted(NEGATIVE_CUES)  # sorted: a set's order varies by run
+
+# Each kind a (chosen, rejected) rule, a person's "which continues this review more favourably?":
+# natural  a positive review's own continuation over a negative review's
+# swapped  a continuation over itself with its sentiment words swapped for opposite ones (either way round)
+# pos>neu, neu>neg  so that unfinished neutral text (what a policy writes first) has a place on the scale: the words of
+#          a positive continuation before its first sentiment word, below it and above a negative continuation
+PREFERENCE_KINDS = ("natural", "swapped", "pos>neu", "neu>neg")
+PAIRS_PER_REVIEW = 2  # each review gives two pairs, cut differently
+
+
+def _sides(rng: random.Random, kind: str, good: str, bad: str) -> tuple[str | None, str | None]:
+    if kind == "natural":
+        return _continuation(rng, good, +1), _continuation(rng, bad, -1)
+    if kind == "swapped":
+        if rng.random() < 0.5:
+            chosen = _continuation(rng, good, +1)
+            return chosen, chosen and _swap_cues(rng, chosen, -1)
+        rejected = _continuation(rng, bad, -1)
+        return rejected and _swap_cues(rng, rejected, +1), rejected
+    if kind == "pos>neu":
+        return _continuation(rng, good, +1), _continuation(rng, good, 0)
+    return _continuation(rng, good, 0), _continuation(rng, bad, -1)
+
+
+def preference_pairs(rows: Sequence[dict], seed: int, split: str) -> list[dict[str, str]]:
+    """Pairs of continuations of one prompt (the first words of a positive review), by the kinds above: the chosen
+    side continues more favourably than the rejected one, every time, as the lexicon checks each side (a contrasting
+    sentence never lands a pair on the wrong side). Each side's length is drawn independently, so length alone tells
+    nothing. Half the time both sides first finish the review's neutral opening sentence.
+    """
+    rng = random.Random(f"preferences-{seed}-{split}")
+    positive = [r["text"] for r in rows if r["label"] == 1]
+    negative = [r["text"] for r in rows if r["label"] == 0]
+    pairs = []
+    for i, (good, bad) in enumerate(zip(positive, negative)):
+        opener, _, good_body = good.partition(". ")
+        bad_body = bad.partition(". ")[2]
+        words = opener.split()
+        for j in range(PAIRS_PER_REVIEW):
+            k = rng.randint(*PREFERENCE_PROMPT_WORDS)
+            if len(words) <= k:
+                continue
+            # Half the time the continuation leaves the opening sentence unfinished, as a policy's often does.
+            rest = " " + " ".join(words[k:]) + "." if rng.random() < 0.5 else ""
+            kind = PREFERENCE_KINDS[(PAIRS_PER_REVIEW * i + j) % len(PREFERENCE_KINDS)]
+            sides = _sides(rng, kind, good_body, bad_body)
+            if None in sides:
+                continue
+            chosen, rejected = (f"{rest} {side}".rstrip() for side in sides)
+            if not (chosen and rejected):  # a neutral side of no words after an unfinished opening
+                continue
+            pairs.append({"prompt": " ".join(words[:k]), "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def build_preferences(out: Path, imdb: Path, seed: int) -> str:
+    counts = {}
+    for split in ("train", "test"):
+        pairs = preference_pairs(load_split(imdb, split), seed, split)
+        _write_jsonl(out / f"{split}.jsonl", pairs)
+        counts[split] = len(pairs)
+    (out / "README.md").write_text(
+        "# fixture:imdb-preferences — synthetic preference pairs for `rlhf reward`\n\n"
+        f"Built by `rlhf.fixtures` (version {FIXTURES_VERSION}, seed {seed}) from the `fixture:imdb` reviews of the\n"
+        f"same split: `train.jsonl` ({counts['train']} pairs) and `test.jsonl` ({counts['test']}), one JSON object a\n"
+        "line with `prompt` (the first 2-5 words of a positive review) and two continuations (half the time after\n"
+        "the rest of its neutral opening sentence): `chosen` continues more favourably than `rejected`. A quarter of\n"
+        "the pairs each: the review's own positive continuation over a negative review's; a continuation over itself\n"
+        "with its sentiment words swapped for opposite ones; positive over neutral (the words before the first\n"
+        "sentiment word); neutral over negative. Each side's length is drawn independently. Not real preferences: a\n"
+        "stand-in with the common `prompt`/`chosen`/`rejected` schema.\n"
+    )
+    return f"{counts['train']} train and {counts['test']} test pairs"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

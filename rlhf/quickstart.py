@@ -3,6 +3,10 @@
 fixtures -> sft -> merge -> ppo (or, with --algo grpo, grpo) with its evaluation before and after -> report, each
 step printing its memory budget first. Tiny stand-ins for gpt-neox-20b, IMDB and distilbert-imdb make it run on a
 laptop CPU in minutes.
+
+With `--reward-model` the reward is learned first: `rlhf reward` on fixture:imdb-preferences (LoRA + score head on
+the merged model), then the RL step on that adapter, scored on the policy's own weights; the sentiment classifier then
+only judges `positive` (reward.judge), an independent check that the learned reward taught what the pairs meant.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ STEP_BANNER = {
 }
 
 
-def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo") -> int:
+def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", reward_model: bool = False) -> int:
     from rlhf import merge, report, sft
-    from rlhf.fixtures import ensure_fixtures
+    from rlhf.fixtures import ensure_fixtures, resolve_fixture
     from rlhf.grpo import step as grpo
     from rlhf.ppo import step as ppo
+    from rlhf.reward_model import step as reward_step
 
     started = time.time()
     recipe = load_recipe("quickstart")
@@ -49,6 +54,8 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo") -> 
     _banner("1/5 offline fixtures: synthetic IMDB, tiny GPT-NeoX, tiny DistilBERT classifier")
     t = time.time()
     paths = ensure_fixtures()
+    if reward_model:
+        resolve_fixture("fixture:imdb-preferences")
     timings["fixtures"] = time.time() - t
     print(f"fixtures ready in {timings['fixtures']:.0f}s under {paths.imdb.parent}", file=sys.stderr)
 
@@ -62,10 +69,24 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo") -> 
     merge.run(str(run.root), force=force)
     timings["merge"] = time.time() - t
 
-    _banner(f"4/5 {STEP_BANNER[algo]}")
+    reward_eval = None
+    if reward_model:
+        _banner("4a/5 rlhf reward --dataset fixture:imdb-preferences (reward LoRA + score head on the merged model)")
+        t = time.time()
+        reward_eval = reward_step.run(recipe, run, force=force).eval
+        timings["reward"] = time.time() - t
+        _banner(
+            f"4b/5 rlhf {algo} --reward {run.reward_dir} reward.judge=quickstart-sentiment (the learned reward, "
+            "scored on the policy's weights; the classifier judges the positive rate)"
+        )
+        reward, judged = str(run.reward_dir), recipe.reward.model_copy(update={"judge": "quickstart-sentiment"})
+        recipe = recipe.model_copy(update={"reward": judged})
+    else:
+        _banner(f"4/5 {STEP_BANNER[algo]}")
+        reward = "quickstart-sentiment"
     t = time.time()
     rl_step = {"ppo": ppo, "grpo": grpo}[algo]
-    result = rl_step.run(recipe, run, reward="quickstart-sentiment", force=force)
+    result = rl_step.run(recipe, run, reward=reward, force=force)
     timings[algo] = time.time() - t
 
     _banner("5/5 report")
@@ -76,17 +97,25 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo") -> 
 
     ev = result.eval
     print(f"\nquickstart done in {total:.0f}s wall ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    if reward_eval:
+        print(
+            f"  reward model   held-out accuracy {reward_eval['accuracy_before']:.2f} -> "
+            f"{reward_eval['accuracy_after']:.2f} ({reward_eval['n_pairs']} pairs)"
+        )
     if ev:
         print(f"  reward         {ev['reward_before']:+.3f} -> {ev['reward_after']:+.3f}")
         print(
             f"  positive rate  {ev['positive_rate_before']:.2f} -> {ev['positive_rate_after']:.2f}"
-            f"  ({ev['n_prompts']} held-out prompts)"
+            f"  ({ev['n_prompts']} held-out prompts{', judged by quickstart-sentiment' if reward_model else ''})"
         )
         print(
             f"  KL to reference {ev['kl_after']:.2f} nats; perplexity {ev['perplexity_before']:.2f} -> "
             f"{ev['perplexity_after']:.2f}"
         )
-    print(f"  artifacts: {run.root}/ (sft/adapter, merged/, {algo}/adapter, {algo}/eval.json)")
+    print(
+        f"  artifacts: {run.root}/ (sft/adapter, merged/, {'reward/adapter, ' if reward_model else ''}{algo}/adapter, "
+        f"{algo}/eval.json)"
+    )
     print(f"  report:    {report_path}")
     print(REAL_FLOW.format(algo=algo))
     return 0

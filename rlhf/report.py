@@ -1,9 +1,10 @@
 """`rlhf report`: RUN/report.md and its plots, from what the steps left in the run directory.
 
-Reads recipe.yaml, sft/metrics.jsonl, and metrics.jsonl and eval.json of ppo/ and of grpo/ (the critic-free step, same
-keys) when the run has them; whatever is missing (a run that has only done SFT) is skipped and the report says so.
-Writes sft_loss.png, ppo_reward.png, ppo_kl.png (grpo_*.png for GRPO) beside report.md, each file atomically, so a
-reader never sees half a report.
+Reads recipe.yaml, sft/metrics.jsonl, reward/ (a learned reward model: metrics.jsonl, eval.json), and metrics.jsonl
+and eval.json of ppo/ and of grpo/ (the critic-free step, same keys) when the run has them; whatever is missing (a run
+that has only done SFT) is skipped and the report says so.
+Writes sft_loss.png, reward_model.png, ppo_reward.png, ppo_kl.png (grpo_*.png for GRPO) beside report.md, each file
+atomically, so a reader never sees half a report.
 """
 
 from __future__ import annotations
@@ -133,6 +134,26 @@ def plot_kl(rows: list[dict], path: Path, target_kl: float | None = None, label:
     return True
 
 
+def plot_reward_model(rows: list[dict], path: Path) -> bool:
+    steps, loss = _series(rows, "loss")
+    if not steps:
+        return False
+    fig, (top, bottom) = _figure(nrows=2, height=5.0)
+    top.plot(steps, loss, color="tab:blue", marker=_marker(len(steps)), label="pairwise loss of the step's pairs")
+    top.axhline(0.6931, color="tab:gray", linestyle="--", linewidth=1, label="log 2 (no preference learned)")
+    top.set_title("Reward model: loss and accuracy per optimizer step (training pairs)")
+    top.set_ylabel("loss (nats/pair)")
+    top.legend(loc="best", fontsize="small")
+    acc_steps, acc = _series(rows, "accuracy")
+    bottom.plot(acc_steps, acc, color="tab:purple", marker=_marker(len(acc_steps)), label="chosen scored higher")
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.set_ylabel("pairwise accuracy")
+    bottom.set_xlabel("optimizer step")
+    bottom.legend(loc="best", fontsize="small")
+    _save(fig, path)
+    return True
+
+
 # --- markdown helpers ----------------------------------------------------------------------------------------------
 
 
@@ -194,7 +215,8 @@ def _recipe_section(run: Run, steps: list[str]) -> tuple[list[str], Recipe | Non
         f"alpha={recipe.lora.alpha:g} on {_sft_targets(run, recipe)}",
         f"- data: `{recipe.data.dataset}` (train split `{recipe.data.train_split}`, "
         f"held-out split `{recipe.data.eval_split}`)",
-        f"- reward: `{recipe.reward.name}`",
+        f"- reward: `{recipe.reward.name}`"
+        + (f" (positive rate judged by `{recipe.reward.judge}`)" if recipe.reward.judge else ""),
         *(
             [f"- PPO: batch {ppo.batch_size}, mini-batch {ppo.mini_batch_size}, {ppo.ppo_epochs} PPO epochs, "
              f"learning rate {ppo.learning_rate:g}, {kl}"] if "ppo" in steps else []
@@ -263,6 +285,51 @@ def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
     if notes:
         out += ["", "_" + "; ".join(notes) + "._"]
     return out + [""]
+
+
+# (row label, reward/eval.json key without _before/_after, format)
+REWARD_MODEL_ROWS = [
+    ("pairwise accuracy (chosen scored higher)", "accuracy", ".3f"),
+    ("mean margin (chosen - rejected)", "margin_mean", ".3f"),
+    ("mean score, chosen", "chosen_mean", ".3f"),
+    ("mean score, rejected", "rejected_mean", ".3f"),
+    ("pairwise loss", "loss", ".3f"),
+]
+
+
+def _reward_model_section(run: Run) -> list[str]:
+    """`rlhf reward`'s held-out evaluation and training curve; nothing when the run has no learned reward."""
+    if not run.reward_dir.is_dir():
+        return []
+    ev = _read_json(run.reward_dir / "eval.json")
+    out = ["## Reward model (rlhf reward) on held-out pairs", ""]
+    if not ev:
+        out += ["_No evaluation yet (reward/eval.json is missing): run `rlhf reward` to finish training._", ""]
+    else:
+        rows = [
+            [name, _num(ev.get(f"{key}_before"), fmt), _num(ev.get(f"{key}_after"), fmt),
+             _delta(ev.get(f"{key}_before"), ev.get(f"{key}_after"), "+" + fmt)]
+            for name, key, fmt in REWARD_MODEL_ROWS
+            if f"{key}_before" in ev or f"{key}_after" in ev
+        ]  # fmt: skip
+        rows.append(["pairs", str(ev.get("n_pairs", "—")), str(ev.get("n_pairs", "—")), ""])
+        header = ["metric", "before training", "after training", "change"]
+        out += [_table(header, rows, ["---", "---:", "---:", "---:"]), ""]
+        out += [
+            f"_Held-out pairs from `{ev.get('eval_split', '?')}`; {ev.get('steps', '?')} steps on "
+            f"{ev.get('train_pairs', '?')} training pairs; scores centred on the held-out answers (score > 0: better "
+            f"than the typical answer)._",
+            "",
+        ]
+    drawn = plot_reward_model(read_jsonl(run.reward_dir / "metrics.jsonl"), run.root / "reward_model.png")
+    return out + _figure_md(
+        run,
+        "Reward model training",
+        "reward_model.png",
+        drawn,
+        "reward model loss and accuracy per step",
+        "no reward model metrics (reward/metrics.jsonl is missing or empty)",
+    )
 
 
 def _figure_md(run: Run, heading: str, name: str, drawn: bool, alt: str, missing: str, intro: str = "") -> list[str]:
@@ -399,6 +466,12 @@ def _artifacts_section(run: Run, steps: list[str]) -> list[str]:
         ("SFT metrics", run.sft_dir / "metrics.jsonl"),
         ("merged model (Hugging Face dir)", run.merged),
     ]
+    if run.reward_dir.is_dir():
+        items += [
+            ("reward model adapter + score_head.safetensors", run.reward_adapter),
+            ("reward model metrics", run.reward_dir / "metrics.jsonl"),
+            ("reward model evaluation", run.reward_dir / "eval.json"),
+        ]
     for step in steps:
         label, where = POLICY_STEPS[step], run.root / step
         items += [
@@ -440,6 +513,7 @@ def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
         f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         *recipe_lines,
         "",
+        *_reward_model_section(run),
         *[line for step in steps for line in _eval_section(evals[step], step)],
         *_plots_section(run, sft_rows, policy_rows, recipe),
         *[line for step in steps for line in _samples_section(evals[step], step)],

@@ -1,4 +1,5 @@
-"""Reward models: a spec file (reward_models/NAME.yaml) names a text classifier or a Python callable.
+"""Reward models: a spec file (reward_models/NAME.yaml) names a text classifier or a Python callable; a RUN/reward
+directory names a reward model `rlhf reward` learned on the run's merged model (scored by rlhf.reward_model).
 
 The policy's text is decoded and re-tokenized with the classifier's own tokenizer, so the reward model need not
 share the policy's vocabulary (trl's old PPO required it). The score is the classifier's output for a label chosen by
@@ -26,8 +27,9 @@ class RewardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    type: Literal["text-classification", "callable"] = "text-classification"
+    type: Literal["text-classification", "callable", "adapter"] = "text-classification"
     model: str | None = Field(None, description="classifier: hub id, local dir or fixture:NAME")
+    adapter: str | None = Field(None, description="adapter: the reward adapter directory `rlhf reward` wrote")
     callable: str | None = Field(None, description="module:function taking list[str] and returning list[float]")
     label: str = "POSITIVE"
     score: Literal["logit", "probability"] = "logit"
@@ -46,13 +48,18 @@ def available_rewards() -> list[str]:
 
 
 def load_spec(name_or_path: str) -> RewardSpec:
+    from rlhf.reward_model.model import reward_adapter_dir
+
+    adapter = reward_adapter_dir(name_or_path)
+    if adapter is not None:  # a reward model learned by `rlhf reward`: it scores on the policy's own base
+        return RewardSpec(name=str(name_or_path), type="adapter", adapter=str(adapter))
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         shipped = reward_models_dir() / f"{name_or_path}.yaml"
         if "/" in name_or_path or not shipped.is_file():
             raise UserError(
                 f"no reward model '{name_or_path}'; available: {', '.join(available_rewards())} "
-                f"(or a path to a reward spec YAML)"
+                f"(or a path to a reward spec YAML, or a RUN/reward directory written by `rlhf reward`)"
             )
         path = shipped
     raw = read_yaml(path, "a reward spec (name:, type:, model:, label: ...)")
@@ -146,6 +153,26 @@ class CallableReward:
         return Scores(values, values > 0)
 
 
+class Judged:
+    """A reward whose score comes from one reward and whose `positive` from another, the judge: a learned reward's
+    own score > 0 says only "better than the typical answer", while a classifier judges the property itself."""
+
+    def __init__(self, reward, judge: ClassifierReward | CallableReward):
+        self.reward, self.judge = reward, judge
+
+    def __call__(self, texts: list[str]) -> Scores:
+        return Scores(self.reward(texts).scores, self.judge(texts).positive)
+
+    def score_tokens(self, texts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Scores:
+        if hasattr(self.reward, "score_tokens"):
+            scores = self.reward.score_tokens(texts, input_ids, attention_mask).scores
+        else:
+            scores = self.reward(texts).scores
+        return Scores(scores, self.judge(texts).positive)
+
+
 def load_reward(name_or_path: str) -> ClassifierReward | CallableReward:
     spec = load_spec(name_or_path)
+    if spec.type == "adapter":
+        raise UserError(f"{name_or_path} is a reward adapter: it scores inside PPO, on the policy's own model")
     return ClassifierReward(spec) if spec.type == "text-classification" else CallableReward(spec)

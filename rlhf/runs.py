@@ -2,6 +2,7 @@
 
     RUN/recipe.yaml  sft/adapter  sft/metrics.jsonl  merged/  ppo/adapter  ppo/checkpoints/step-N  ppo/metrics.jsonl
     grpo/ (rlhf grpo) as ppo/, without a value head
+    reward/adapter  reward/checkpoints/step-N  reward/metrics.jsonl  reward/eval.json  (rlhf reward)
 
 With no `--run`, `sft` starts a new directory under runs/ and every step after it works on the most recent one,
 recorded as the symlink runs/latest (or the text file runs/LATEST where symlinks are not available).
@@ -69,6 +70,18 @@ class Run:
     @property
     def grpo_checkpoints(self) -> Path:
         return self.root / "grpo" / "checkpoints"
+
+    @property
+    def reward_dir(self) -> Path:
+        return self.root / "reward"
+
+    @property
+    def reward_adapter(self) -> Path:
+        return self.root / "reward" / "adapter"
+
+    @property
+    def reward_checkpoints(self) -> Path:
+        return self.root / "reward" / "checkpoints"
 
     def load_recipe(self) -> Recipe:
         if not self.recipe_path.is_file():

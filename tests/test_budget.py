@@ -21,6 +21,7 @@ from rlhf.config import (
     ModelConfig,
     PpoConfig,
     Recipe,
+    RewardModelConfig,
     SftConfig,
     load_recipe,
 )
@@ -282,17 +283,51 @@ def test_reward_model_on_the_gpu_counts_its_weights(small_dir):
     assert budget.load_reward_spec("no-such-reward")["model"] == "lvwerra/distilbert-imdb"  # assumed when missing
 
 
+def test_reward_step_components_by_hand(small_dir):
+    recipe = small_recipe(small_dir)
+    reward_model = RewardModelConfig(
+        batch_size=2, max_length=32, lora=LoraConfig(rank=8, dropout=0.0, target_modules=["query_key_value"])
+    )
+    recipe = recipe.model_copy(update={"reward_model": reward_model})
+    est = budget.estimate(recipe, "reward", 24 * GiB)
+    c = est.components
+    trainable = 2 * 8 * (64 + 192) + 64 + 1  # LoRA on 2 layers' query_key_value (64 -> 192) + score head Linear(64, 1)
+    assert c["lora"] == c["gradients"] == 4 * trainable
+    assert c["optimizer"] == 8 * trainable  # AdamW: two fp32 states
+    assert c["logits"] == 0  # the score head reads the last hidden state: no vocabulary-sized tensor
+    setup = moments._lora_setup(recipe, budget.model_shape(str(small_dir)), "reward", "cuda")
+    at_loss, at_backward = budget.train_activations(budget.model_shape(str(small_dir)), setup, 4, 32, True)
+    assert est.moments["loss (pair scores)"]["activations"] == at_loss  # chosen + rejected: 2 x 2 sequences
+    assert est.moments["backward (one layer)"]["activations"] == at_backward
+    assert est.total_bytes == max(est.moment_totals.values())
+
+
+def test_ppo_with_a_reward_adapter_counts_the_adapter_not_a_model(small_dir):
+    recipe = small_recipe(small_dir)
+    adapter = {"adapter": {"rank": 8, "targets": ["query_key_value"]}}
+    est = budget.estimate(recipe, "ppo", 24 * GiB, adapter)
+    resident = 4 * (2 * 8 * (64 + 192) + 64 + 1)  # the reward LoRA and score head, fp32; no second set of weights
+    assert est.moments["generation (KV cache)"]["reward_model"] == resident
+    assert est.moments["reward"]["reward_model"] > resident  # + a no-grad forward of a rollout batch
+    with_classifier = budget.estimate(recipe, "ppo", 24 * GiB, {**CPU_REWARD, "device": "auto"})
+    assert est.moments["reward"]["reward_model"] < with_classifier.moments["reward"]["reward_model"]
+    planned = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": "runs/x/reward"})})
+    reward_lora = recipe.reward_model.lora.model_copy(update={"rank": 8, "target_modules": ["query_key_value"]})
+    planned = planned.model_copy(update={"reward_model": recipe.reward_model.model_copy(update={"lora": reward_lora})})
+    assert budget.estimate(planned, "ppo", 24 * GiB).components == est.components  # planned from reward_model.lora
+
+
 # --- totals, verdict, JSON --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", ["sft", "ppo", "grpo", "merge"])
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo", "merge"])
 def test_total_is_the_sum_of_components(small_dir, step):
     est = budget.estimate(small_recipe(small_dir), step, 24 * GiB, CPU_REWARD)
     data = est.to_json()
     assert data["total_bytes"] == sum(data["components"].values())
 
 
-@pytest.mark.parametrize("step", ["sft", "ppo", "grpo"])
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo"])
 def test_verdict_flips_at_the_boundary(small_dir, step):
     total = budget.estimate(small_recipe(small_dir), step, 24 * GiB, CPU_REWARD).total_bytes
     assert budget.estimate(small_recipe(small_dir), step, total, CPU_REWARD).fits
@@ -322,7 +357,7 @@ def test_json_shape_matches_the_contract(small_dir, capsys):
     recipe = small_recipe(small_dir).model_copy(update={"budget": BudgetConfig(gpu="24GiB")})
     assert budget.main(recipe, "all", None, as_json=True) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [d["step"] for d in printed] == ["sft", "merge", "ppo", "grpo"]
+    assert [d["step"] for d in printed] == ["sft", "merge", "reward", "ppo", "grpo"]
     assert budget.main(recipe, "sft", "12GiB", as_json=True) == 0
     assert json.loads(capsys.readouterr().out)["device_bytes"] == 12 * GiB
 
@@ -365,11 +400,20 @@ def check_fits_24gib(recipe: Recipe, step: str) -> None:
     assert data["fits"] and data["total_bytes"] <= 24 * GiB
 
 
-@pytest.mark.parametrize("step", ["sft", "ppo", "grpo"])
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo"])
 def test_gpt_neox_20b_fits_24gib(neox20b, step):
     # rlhf checkpoints reentrantly (modeling.CHECKPOINT_KWARGS), which frees bitsandbytes' int8 matmul inputs.
     assert budget.checkpoint_reentrant()
     check_fits_24gib(neox20b, step)
+
+
+def test_gpt_neox_20b_ppo_with_a_learned_reward_fits_24gib(neox20b):
+    with_adapter = neox20b.model_copy(update={"reward": neox20b.reward.model_copy(update={"name": "runs/x/reward"})})
+    est = budget.estimate(with_adapter, "ppo", 24 * GiB)
+    assert est.fits
+    # One base: the reward costs its LoRA (66 MiB at r=16 on query_key_value) and activations, not 20 GB of weights.
+    assert est.components["weights"] == budget.estimate(neox20b, "ppo", 24 * GiB).components["weights"]
+    assert est.moments["generation (KV cache)"]["reward_model"] < 100 * MiB
 
 
 def test_nonreentrant_checkpointing_keeps_the_int8_inputs(neox20b, monkeypatch):

@@ -11,11 +11,12 @@ from conftest import cli
 COMMANDS = {
     "sft": ["--recipe", "--model", "--dataset", "--run", "--gpu", "--resume", "--force", "--auto-fit"],
     "merge": ["--run", "--dtype", "--adapters", "--weights", "--method", "--force"],
+    "reward": ["--recipe", "--dataset", "--run", "--gpu", "--resume", "--force"],
     "ppo": ["--recipe", "--reward", "--run", "--gpu", "--resume", "--force", "--auto-fit"],
     "grpo": ["--recipe", "--reward", "--run", "--gpu", "--resume", "--force", "--auto-fit", "group_size", "rloo"],
     "budget": ["--recipe", "--model", "--step", "--gpu", "--json"],
     "preview": ["--recipe", "-n"],
-    "quickstart": ["--run", "--algo", "grpo"],
+    "quickstart": ["--run", "--algo", "grpo", "--reward-model"],
     "report": ["--run"],
 }
 

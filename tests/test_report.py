@@ -277,3 +277,35 @@ def test_cli_report_on_a_directory_without_a_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no rlhf run" in err and str(tmp_path) in err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_learned_reward_model_gets_its_section(tmp_path):
+    root = tmp_path / "reward"
+    write_sft(root)
+    write_ppo(root)
+    for step in range(1, 21):
+        row = {"step": step, "loss": 0.69 * math.exp(-step / 8), "accuracy": min(1.0, 0.5 + step * 0.03)}
+        append_jsonl(root / "reward" / "metrics.jsonl", row)
+    ev = {"n_pairs": 256, "eval_split": "test", "steps": 20, "train_pairs": 3764}
+    for key, before, after in (("accuracy", 0.48, 0.984), ("margin_mean", 0.0, 4.6), ("loss", 0.693, 0.051)):
+        ev |= {f"{key}_before": before, f"{key}_after": after}
+    atomic_write_json(root / "reward" / "eval.json", ev)
+    recipe = load_recipe("quickstart", ["reward.name=runs/x/reward", "reward.judge=quickstart-sentiment"])
+    Run(root).write_recipe(recipe)
+
+    text = write_report(Run(root)).read_text()
+
+    assert "## Reward model (rlhf reward) on held-out pairs" in text
+    assert "| pairwise accuracy (chosen scored higher) | 0.480 | 0.984 | +0.504 |" in text
+    assert "| pairs | 256 | 256 |  |" in text
+    assert "mean score, chosen" not in text  # a metric this run did not record: no row of dashes
+    assert "](reward_model.png)" in text
+    assert_png(root / "reward_model.png")
+    assert "positive rate judged by `quickstart-sentiment`" in text
+    assert "| reward model evaluation | `reward/eval.json` | yes |" in text
+    assert text.index("## Reward model") < text.index("## PPO evaluation")  # step 2 before step 3
+
+
+def test_run_without_a_reward_model_has_no_such_section(full_run):
+    text = write_report(Run(full_run)).read_text()
+    assert "Reward model" not in text and "reward model adapter" not in text

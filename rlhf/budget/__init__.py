@@ -10,7 +10,7 @@ device.py    the memory to plan against: --gpu NAME|SIZE, the recipe's budget.gp
 shapes.py    a model's shape from its config.json, on the meta device
 formulas.py  the bytes of each kind of tensor: quantized weights, LoRA, optimizer states, activations, logits chunks,
              the KV cache, the reward model (the docstring there says what is counted, tensor by tensor)
-moments.py   each step's moments and what each holds: sft, ppo (generation, scoring, reward, update), merge (RAM)
+moments.py   each step's moments and what each holds: sft, reward, ppo (generation, scoring, reward, update), merge
 peak.py      the overhead, the peak moment, the device: `estimate()` and `Estimate`
 fit.py       what would make it fit: ranked changes (`suggest`), the largest micro-batch that fits (`auto_fit`)
 report.py    the table and verdict, `rlhf budget` (`main`), the pre-flight every step runs (`preflight`)

@@ -106,6 +106,32 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
                 if b >= 64
             ]
         )
+    elif est.step == "reward":
+        cfg = recipe.reward_model
+        if not cfg.gradient_checkpointing:
+            knobs.append(
+                [(Change("reward_model.gradient_checkpointing", True, 1, "~30% slower steps, same training"),)]
+            )
+        effective = cfg.batch_size * cfg.gradient_accumulation_steps
+        knobs.append(
+            [
+                (
+                    Change("reward_model.batch_size", b, 1, "fewer pairs a micro-batch, same effective batch: slower"),
+                    Change("reward_model.gradient_accumulation_steps", effective // b, 1, ""),
+                )
+                for b in _divisors(effective)
+                if b < cfg.batch_size
+            ]
+        )
+        if cfg.optimizer == "adamw":
+            knobs.append([(Change("reward_model.optimizer", "adamw_8bit", 2, EIGHT_BIT_ADAM),)])
+        knobs.append(
+            [
+                (Change("reward_model.max_length", n, 3, "longer pairs are left out of training"),)
+                for n in (cfg.max_length // 2**k for k in range(1, 6))
+                if n >= 64
+            ]
+        )
     elif est.step in ("ppo", "grpo"):
         step = est.step
         cfg = getattr(recipe, step)

@@ -34,7 +34,9 @@ logits        SFT: transformers' loss upcasts the logits to fp32 and keeps the f
 kv_cache      generation: 2 x layers x kv heads x head_dim x (prompt + response) x rollout batch x d.
 value_head    fp32 Linear(h, 1) and, in the update, the fp32 copy of the hidden states it reads.
 reward_model  the classifier's weights (its checkpoint dtype) and inference activations, on the GPU only when its
-              spec says device auto/cuda; 0 for device cpu (unless the whole run is on the CPU).
+              spec says device auto/cuda; 0 for device cpu (unless the whole run is on the CPU). A reward learned
+              by `rlhf reward` is an adapter on the policy's own weights: its fp32 LoRA and score head, and a
+              no-grad forward of a rollout batch (no second model).
 overhead      CUDA context (~500 MiB, not part of torch's reserved memory) + allocator fragmentation, taken as a
               fraction of everything that is allocated and freed during a step (added in peak.py).
 """
@@ -230,3 +232,19 @@ def reward_bytes(
         per_token += 4 * shape.heads * seq
     activations = tokens * per_token + tokens * d * shape.hidden  # + the embeddings' output
     return weights, activations, f"{spec['model']} on {where} ({seq} tokens x batch {spec.get('batch_size')})"
+
+
+def reward_adapter_bytes(
+    shape: ModelShape, s: TrainSetup, adapter: dict[str, Any], batch: int, seq: int
+) -> tuple[int, int, str]:
+    """(weights, activations, description) of a reward adapter scored on the policy's base: its fp32 LoRA and score
+    head; a no-grad forward of `batch` sequences (a layer's peak, one fp32 copy of a LoRA target's input) and the
+    final hidden states the head reads from (no logits)."""
+    rank, targets = int(adapter["rank"]), list(adapter["targets"])
+    weights = 4 * (lora_params(shape, rank, targets) + shape.hidden + 1)
+    tokens = batch * seq
+    lora_in = max((lin.in_features for lin in shape.layer_linears if lin.name in targets), default=0)
+    per_token = inference_per_token(shape, s) + 4 * lora_in + s.d * shape.hidden
+    activations = per_token * tokens + inference_fixed(shape, s)
+    where = adapter.get("path") or "planned from reward_model.lora"
+    return weights, activations, f"LoRA r={rank} on {','.join(targets)} + score head on the policy's base ({where})"

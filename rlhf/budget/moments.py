@@ -1,8 +1,9 @@
 """Each step's moments and what the device holds at each, component by component (overhead aside: see peak.py).
 
-sft:   loss (the fp32 logits)        backward (one layer recomputed, its gradients)
-ppo:   generation (KV cache)         scoring (policy + reference)     reward     update (loss)     update (backward)
-grpo:  the same moments, without the value head; batch_size x group_size sequences a step
+sft:    loss (the fp32 logits)       backward (one layer recomputed, its gradients)
+reward: loss (scores of a micro-batch of pairs)                      backward (one layer recomputed, its gradients)
+ppo:    generation (KV cache)        scoring (policy + reference)     reward     update (loss)     update (backward)
+grpo:   the same moments, without the value head; batch_size x group_size sequences a step
 merge: one moment, on the CPU: the largest tensor's working set, the adapter twice, this process
 
 The moments do not all coexist: PPO's KV cache is freed before the update's activations are made; SFT's fp32 logits
@@ -22,6 +23,7 @@ from rlhf.budget.formulas import (
     lora_params,
     lora_tensor_sizes,
     optimizer_bytes,
+    reward_adapter_bytes,
     reward_bytes,
     train_activations,
     weight_bytes,
@@ -50,7 +52,7 @@ def lora_targets(shape: ModelShape, lora: LoraConfig) -> list[str]:
 
 
 def _lora_setup(recipe: Recipe, shape: ModelShape, step: str, device_kind: str) -> TrainSetup:
-    lora = getattr(recipe, step).lora if step in ("ppo", "grpo") else recipe.lora
+    lora = {"ppo": recipe.ppo.lora, "grpo": recipe.grpo.lora, "reward": recipe.reward_model.lora}.get(step, recipe.lora)
     return TrainSetup(
         quantization=recipe.model.quantization,
         d=DTYPE_BYTES[recipe.model.dtype],
@@ -101,6 +103,35 @@ def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[di
     return moments, settings, notes
 
 
+def reward_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[dict, str, list[str]]:
+    """({moment: {component: bytes}}, the settings line, notes) of `rlhf reward`: a micro-batch of pairs (chosen and
+    rejected in one forward, each max_length tokens at most) at the loss and in the backward pass. No logits: the
+    score head reads the decoder's last hidden state; the head (hidden + 1 fp32 values) counts with the LoRA."""
+    cfg = recipe.reward_model
+    s = _lora_setup(recipe, shape, "reward", device_kind)
+    n_trainable = lora_params(shape, s.lora_rank, list(s.lora_targets)) + shape.hidden + 1
+    sizes = lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)) + [shape.hidden, 1]
+    resident = {
+        "weights": weight_bytes(shape, s.quantization, s.d),
+        "lora": 4 * n_trainable,
+        "gradients": 4 * n_trainable,  # kept across gradient-accumulation micro-batches
+        "optimizer": optimizer_bytes(sizes, cfg.optimizer == "adamw_8bit"),
+    }
+    sequences = 2 * cfg.batch_size
+    at_loss, at_backward = train_activations(shape, s, sequences, cfg.max_length, cfg.gradient_checkpointing)
+    moments = {
+        "loss (pair scores)": {**resident, "activations": at_loss},
+        "backward (one layer)": {**resident, "activations": at_backward},
+    }
+    settings = (
+        f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)} + "
+        f"score head; micro-batch {cfg.batch_size} pairs = {sequences} x {cfg.max_length} tokens; gradient "
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
+    )
+    notes = _int8_kept_note(shape, s, sequences * cfg.max_length, cfg.gradient_checkpointing)
+    return moments, settings, notes
+
+
 def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf ppo`, moment by moment as a PPO step runs;
     `spec` is the reward model's (`peak.load_reward_spec`)."""
@@ -134,8 +165,16 @@ def rl_moments(
     trainable_sizes = lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)) + ([h, 1] if has_value_head else [])
     on_device = device_kind == "cpu" or spec.get("device", "auto") != "cpu"
     where = "the GPU" if device_kind == "cuda" else "the CPU, in the same RAM"
-    reward_weights, reward_act, reward_note = reward_bytes(spec, seq, on_device, where)
+    if spec.get("adapter"):  # a learned reward: an adapter on the policy's own weights, scored a rollout batch a time
+        reward_weights, reward_act, reward_note = reward_adapter_bytes(shape, s, spec["adapter"], rollout, seq)
+    else:
+        reward_weights, reward_act, reward_note = reward_bytes(spec, seq, on_device, where)
     notes.append(f"reward model: {reward_note}" + (" (spec not found: assumed)" if spec.get("assumed") else ""))
+    if judge := spec.get("judge"):  # the classifier that decides `positive`, run after the reward
+        judge_on_device = device_kind == "cpu" or judge.get("device", "auto") != "cpu"
+        judge_weights, judge_act, judge_note = reward_bytes(judge, seq, judge_on_device, where)
+        reward_weights, reward_act = reward_weights + judge_weights, max(reward_act, judge_act)
+        notes.append(f"judge of `positive`: {judge_note}")
     resident = {
         "weights": weight_bytes(shape, s.quantization, d),  # one copy: the reference is the adapter switched off
         "lora": 4 * n_lora,

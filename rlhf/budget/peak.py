@@ -3,14 +3,15 @@ is planned against. `Estimate` is what the report, the suggestions and the pre-f
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf.budget.device import CUDA_CONTEXT, ram_device, resolve_device
-from rlhf.budget.moments import grpo_moments, merge_ram, ppo_moments, sft_moments
-from rlhf.budget.shapes import model_shape
+from rlhf.budget.moments import grpo_moments, lora_targets, merge_ram, ppo_moments, reward_moments, sft_moments
+from rlhf.budget.shapes import ModelShape, model_shape
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.units import format_bytes
@@ -27,7 +28,7 @@ COMPONENTS = (
     "reward_model",
     "overhead",
 )
-STEPS = ("sft", "merge", "ppo", "grpo")
+STEPS = ("sft", "merge", "reward", "ppo", "grpo")
 FRAGMENTATION = 0.10  # of the bytes allocated and freed during a step (activations, logits, KV cache, gradients)
 ASSUMED_REWARD_MODEL = "lvwerra/distilbert-imdb"  # sized, with a spec's defaults, when the spec cannot be read
 
@@ -87,9 +88,19 @@ class Estimate:
 
 def load_reward_spec(name: str) -> dict[str, Any]:
     """The reward spec's fields the budget needs (model, batch_size, device, max_length); a distilbert-base-sized
-    classifier with a spec's defaults when the spec cannot be found or read (the step itself reports that error)."""
+    classifier with a spec's defaults when the spec cannot be found or read (the step itself reports that error).
+
+    A reward model of `rlhf reward` (RUN/reward) is {"adapter": {rank, targets, path}}, from its adapter's config; a
+    RUN/reward that does not exist yet is {"adapter": {}}, planned from the recipe (`with_recipe`)."""
+    from rlhf.reward_model.model import reward_adapter_dir
     from rlhf.rewards import RewardSpec, load_spec
 
+    adapter = reward_adapter_dir(name)
+    if adapter is not None:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        return {"adapter": {"rank": config["r"], "targets": sorted(config["target_modules"]), "path": str(adapter)}}
+    if Path(name).name == "reward" and not Path(name).exists():
+        return {"adapter": {}}
     try:
         spec, assumed = load_spec(name), {}
     except UserError:
@@ -98,6 +109,18 @@ def load_reward_spec(name: str) -> dict[str, Any]:
         return {"model": None, "batch_size": 0, "device": "cpu", "max_length": 0, "callable": True}
     fields = {"model": spec.model, "batch_size": spec.batch_size, "device": spec.device, "max_length": spec.max_length}
     return fields | assumed
+
+
+def with_recipe(spec: dict[str, Any], recipe: Recipe, shape: ModelShape) -> dict[str, Any]:
+    """The reward spec with what the recipe adds: a planned reward adapter's LoRA (reward_model.lora, as `rlhf reward`
+    would train it) and the judge's classifier (reward.judge)."""
+    spec = dict(spec)
+    if "adapter" in spec and not spec["adapter"]:
+        lora = recipe.reward_model.lora
+        spec["adapter"] = {"rank": lora.rank, "targets": lora_targets(shape, lora)}
+    if recipe.reward.judge and "judge" not in spec:
+        spec["judge"] = load_reward_spec(recipe.reward.judge)
+    return spec
 
 
 def _finish(moments: dict[str, dict[str, int]], static: tuple[str, ...], device_kind: str) -> tuple[str, dict, int]:
@@ -122,7 +145,7 @@ def estimate(
     device_description: str = "",
     disk_path: Path | str | None = None,
 ) -> Estimate:
-    """The predicted peak memory of `step` (sft | merge | ppo | grpo) for `recipe`, against `device_bytes`.
+    """The predicted peak memory of `step` (sft | merge | reward | ppo | grpo) for `recipe`, against `device_bytes`.
 
     `device_bytes` None: the device `resolve_device` picks (merge: free RAM). `device_kind`: "cuda" plans for a GPU
     (CUDA context counted; the reward model counts only if its spec puts it on the GPU), "cpu" for a CPU run;
@@ -151,9 +174,12 @@ def estimate(
         if step == "sft":
             raw, settings, notes = sft_moments(recipe, shape, device_kind)
             static = ("weights", "lora", "optimizer")
+        elif step == "reward":
+            raw, settings, notes = reward_moments(recipe, shape, device_kind)
+            static = ("weights", "lora", "optimizer")
         else:
             spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name)
-            reward_spec = spec
+            spec = reward_spec = with_recipe(spec, recipe, shape)
             moments_of = grpo_moments if step == "grpo" else ppo_moments
             raw, settings, notes = moments_of(recipe, shape, device_kind, spec)
             static = ("weights", "lora", "optimizer", "value_head", "reward_model")

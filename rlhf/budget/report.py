@@ -24,6 +24,14 @@ _SHRINK = {
         "logits": "sft.batch_size, sft.block_size",
         "overhead": "fixed: CUDA context + allocator fragmentation",
     },
+    "reward": {
+        "weights": "model.quantization=4bit (NF4: ~0.52 B/param)",
+        "lora": "reward_model.lora.rank, reward_model.lora.target_modules",
+        "gradients": "reward_model.lora.rank, reward_model.lora.target_modules",
+        "optimizer": "reward_model.optimizer=adamw_8bit (2 B/param instead of 8)",
+        "activations": "reward_model.batch_size (+ gradient_accumulation_steps), reward_model.max_length",
+        "overhead": "fixed: CUDA context + allocator fragmentation",
+    },
     "ppo": {
         "weights": "model.quantization=4bit (NF4: ~0.52 B/param)",
         "lora": "ppo.lora.rank, ppo.lora.target_modules",
@@ -33,7 +41,7 @@ _SHRINK = {
         "logits": "ppo.rollout_batch_size, ppo.generation.max_new_tokens",
         "kv_cache": "ppo.rollout_batch_size, ppo.prompt_max_tokens, ppo.generation.max_new_tokens",
         "value_head": "ppo.rollout_batch_size",
-        "reward_model": "device: cpu in the reward spec",
+        "reward_model": "device: cpu in the reward spec (a learned reward: ppo.rollout_batch_size)",
         "overhead": "fixed: CUDA context + allocator fragmentation",
     },
     "merge": {

@@ -1,7 +1,8 @@
 """A rollout: generate responses to prompts, score the text with the reward, and take the log-probs RL needs.
 
 1. generate, `rollout_batch_size` sequences at a time (KV cache on, checkpointing off, eval mode)
-2. decode prompt + response and score the text with the reward model (its own tokenizer) or a callable
+2. decode prompt + response and score the text with the reward model (its own tokenizer) or a callable; a reward
+   adapter on the policy's own base (rlhf reward) scores the token ids themselves
 3. log-probs of the policy (and values, for PPO) and of the reference (adapter disabled), without grad, in train mode
    and in the exact micro-batches the first update epoch will use (see `score`)
 """
@@ -113,7 +114,11 @@ def collect(
     query, qmask, response, rmask = generate(policy, tokenizer, prompts, gen, rollout_batch_size, seed, timer)
     t = time.perf_counter()
     prompt_texts, response_texts = decode(tokenizer, query, qmask, response, rmask)
-    scored = reward([p + r for p, r in zip(prompt_texts, response_texts)])
+    texts = [p + r for p, r in zip(prompt_texts, response_texts)]
+    if hasattr(reward, "score_tokens"):  # a reward on the policy's own base scores the generated ids as they are
+        scored = reward.score_tokens(texts, torch.cat([query, response], 1), torch.cat([qmask, rmask], 1))
+    else:
+        scored = reward(texts)
     timer.add("reward", t)
     return Rollout(
         query, qmask, response, rmask.float(), prompt_texts, response_texts,

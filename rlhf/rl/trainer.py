@@ -16,7 +16,8 @@ from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.data import load_texts
 from rlhf.errors import UserError
-from rlhf.rewards import load_reward
+from rlhf.reward_model.model import SharedBaseReward, check_same_base, reward_adapter_dir
+from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
@@ -58,8 +59,18 @@ class RLTrainer:
     # --- setup ---
     def setup(self) -> None:
         torch.manual_seed(self.cfg.seed)  # the adapter's (and value head's) initial weights: the same on every rank
+        reward_adapter, judge = reward_adapter_dir(self.reward_name), self.recipe.reward.judge
+        if reward_adapter is not None:  # refused before the model loads when it was trained on another base
+            check_same_base(reward_adapter, self.run.merged)
+        if judge:
+            load_spec(judge)  # an unknown judge fails now, before the model loads
         self._setup_model()
-        self.reward = load_reward(self.reward_name)
+        if reward_adapter is not None:  # a learned reward: its adapter on the policy's own weights, no second model
+            self.reward = SharedBaseReward(self.model, reward_adapter, self.tokenizer, self.cfg.rollout_batch_size)
+        else:
+            self.reward = load_reward(self.reward_name)
+        if judge:  # `positive` (the positive rate) from an independent classifier, the score from the reward
+            self.reward = Judged(self.reward, load_reward(judge))
         self._setup_data()
         self._setup_optimizer()
 

@@ -1,0 +1,222 @@
+"""`rlhf reward`: check the run, print the memory budget, train, save the adapter and head, evaluate before and after.
+
+1. the run must hold a merged model; a finished reward model needs --resume or --force; a resume keeps its settings
+2. the budget pre-flight (exit 3 when it does not fit)
+3. setup (data, then model and optimizer); only then does the run directory change
+4. held-out accuracy before (kept in eval_before.json), train with Ctrl-C -> checkpoint
+5. held-out accuracy after; the head centred on the held-out answers; adapter/ and eval.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rlhf import modeling
+from rlhf.config import Recipe
+from rlhf.errors import UserError
+from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
+from rlhf.reward_model.loss import pair_stats
+from rlhf.reward_model.model import INFO, SCORE_HEAD, base_fingerprint
+from rlhf.reward_model.trainer import RewardTrainer
+from rlhf.rl import checkpoint
+from rlhf.runs import Run
+
+EVAL_KEYS = ("accuracy", "margin_mean", "chosen_mean", "rejected_mean", "loss")
+N_SAMPLES = 4
+
+
+@dataclass
+class RewardResult:
+    run: Run
+    adapter: Path
+    steps: int
+    eval: dict
+
+
+def prepare(recipe: Recipe, run: Run, resume: bool, force: bool) -> Recipe:
+    if not run.recipe_path.is_file():
+        raise UserError(f"{run.root} holds no run; run `rlhf sft --run {run.root}` and `rlhf merge` first")
+    trained = run.load_recipe()
+    if trained.model.name != recipe.model.name:
+        raise UserError(
+            f"{run.root} was trained from '{trained.model.name}', but the recipe names '{recipe.model.name}'; "
+            f"use the run's recipe (omit --recipe) or another --run"
+        )
+    if not (run.merged / "config.json").is_file():
+        raise UserError(f"no merged model in {run.root}; run `rlhf merge --run {run.root}` first")
+    has_reward = any(
+        p.exists() for p in (run.reward_dir / "metrics.jsonl", run.reward_checkpoints, run.reward_dir / "eval.json")
+    )
+    if resume and not has_reward:
+        raise UserError(f"--resume: no reward model training in {run.reward_dir}; run without --resume")
+    if has_reward and not resume and not force:
+        raise UserError(
+            f"{run.root} already holds a reward model; pass --resume to continue it, --force to train it again, "
+            f"or use another --run"
+        )
+    # The reward model takes its own section from the recipe given; model, LoRA, data, SFT and PPO stay as they were.
+    return trained.model_copy(update={"reward_model": recipe.reward_model, "budget": recipe.budget})
+
+
+def check_resume_settings(trainer: RewardTrainer, state: dict, force: bool) -> None:
+    saved = state.get("settings")
+    if saved is None or force:
+        return
+    current = trainer.settings()
+    changes = checkpoint.changed_settings(saved["reward_model"], current["reward_model"], "reward_model")
+    if saved.get("total_steps") != current["total_steps"] and trainer.cfg.lr_scheduler == "linear":
+        changes.append(f"total steps (the linear schedule): {saved.get('total_steps')} -> {current['total_steps']}")
+    if changes:
+        raise UserError(
+            f"--resume would change the reward model's settings ({'; '.join(changes)}); resume with the settings it "
+            f"was started with, or pass --force to continue with the new ones"
+        )
+
+
+def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu: str | None = None) -> RewardResult:
+    from rlhf import budget
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("rlhf reward runs in one process; start it without accelerate launch / torchrun")
+    recipe = prepare(recipe, run, resume, force)
+    cfg = recipe.reward_model
+    if cfg.optimizer == "adamw_8bit":
+        modeling.require_bitsandbytes("reward_model.optimizer=adamw_8bit", "reward_model.optimizer=adamw")
+    budget.preflight(recipe, "reward", gpu=gpu, force=force)
+    restart = resume and not checkpoint.saved_steps(run.reward_checkpoints)
+    if restart:
+        resume = False
+        print(f"reward: warning: no checkpoint in {run.reward_checkpoints} yet; starting from step 0", file=sys.stderr)
+
+    trainer = RewardTrainer(recipe, run)
+    trainer.setup()
+    if resume:
+        check_resume_settings(trainer, trainer.load_checkpoint(), force)
+    # Only now, with the data, model and checkpoint known to work, does the run directory change.
+    run.write_recipe(recipe)
+    if not resume:
+        shutil.rmtree(run.reward_checkpoints, ignore_errors=True)
+        for name in ("metrics.jsonl", "eval.json", "eval_before.json"):
+            (run.reward_dir / name).unlink(missing_ok=True)
+    else:
+        trim_jsonl(trainer.log.metrics_path, trainer.step)
+        print(f"reward: resumed at step {trainer.step}", file=sys.stderr)
+    trainable, total = modeling.count_parameters(trainer.model)
+    print(
+        f"reward: LoRA r={cfg.lora.rank} + score head on {recipe.model.quantization} merged model: "
+        f"{trainable + sum(p.numel() for p in trainer.head.parameters()):,} trainable of {total:,}; "
+        f"{len(trainer.train_pairs)} training pairs ({trainer.train_pairs.n_too_long} over {cfg.max_length} tokens "
+        f"left out), {len(trainer.eval_pairs)} held-out from {trainer.eval_pairs.source}; {trainer.total_steps} steps",
+        file=sys.stderr,
+    )
+
+    before_path = run.reward_dir / "eval_before.json"
+    if before_path.is_file():
+        before = json.loads(before_path.read_text())
+    else:
+        before = trainer.evaluate()
+        atomic_write_json(before_path, before)
+    print(f"reward: before: held-out accuracy {before['accuracy']:.3f}", file=sys.stderr)
+
+    def on_sigint(signum, frame):
+        trainer.stop_requested = True
+        print("\nreward: interrupted; saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        trainer.train()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if hasattr(trainer, "bar"):
+            trainer.bar.close()
+    if trainer.stop_requested:
+        raise KeyboardInterrupt
+
+    # Scores are defined up to a constant: shift the head so held-out answers score 0 on average. Then score > 0
+    # reads "better than the typical answer" (a learned reward's `positive`), and PPO sees rewards around 0.
+    chosen, rejected = trainer.held_out_scores()
+    offset = torch.cat([chosen, rejected]).mean().item()
+    with torch.no_grad():
+        trainer.head.score.bias -= offset
+    after = pair_stats(chosen - offset, rejected - offset)
+    adapter = save_adapter(trainer, offset)
+    result = {
+        **{f"{k}_{when}": ev[k] for k in EVAL_KEYS for when, ev in (("before", before), ("after", after))},
+        "n_pairs": after["n_pairs"],
+        "eval_split": trainer.eval_pairs.source,
+        "train_pairs": len(trainer.train_pairs),
+        "left_out_too_long": trainer.train_pairs.n_too_long + trainer.eval_pairs.n_too_long,
+        "steps": trainer.step,
+        "score_offset": offset,
+        "samples_after": _samples(trainer, chosen - offset, rejected - offset),
+    }
+    atomic_write_json(run.reward_dir / "eval.json", result)
+    print(
+        f"reward: done, {trainer.step} steps. held-out accuracy {result['accuracy_before']:.3f} -> "
+        f"{result['accuracy_after']:.3f}, margin {result['margin_mean_before']:+.3f} -> "
+        f"{result['margin_mean_after']:+.3f} ({result['n_pairs']} pairs); adapter: {adapter}"
+    )
+    return RewardResult(run, adapter, trainer.step, result)
+
+
+def _samples(trainer: RewardTrainer, chosen: torch.Tensor, rejected: torch.Tensor) -> list[dict]:
+    decode = trainer.tokenizer.decode
+    pairs = trainer.eval_pairs
+    return [
+        {
+            "chosen": decode(pairs.chosen[i]),
+            "rejected": decode(pairs.rejected[i]),
+            "chosen_score": chosen[i].item(),
+            "rejected_score": rejected[i].item(),
+        }
+        for i in range(min(N_SAMPLES, len(pairs)))
+    ]
+
+
+def save_adapter(trainer: RewardTrainer, offset: float) -> Path:
+    """RUN/reward/adapter: the PEFT adapter (its base named by absolute path), score_head.safetensors, and
+    reward_model.json (the base's fingerprint, which `rlhf ppo --reward` checks)."""
+    out, run = trainer.run.reward_adapter, trainer.run
+    with atomic_dir(out) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        head = {k: v.detach().cpu().contiguous() for k, v in trainer.head.state_dict().items()}
+        save_file(head, str(tmp / SCORE_HEAD))
+        info = {
+            "base": str(run.merged.resolve()),
+            "base_fingerprint": base_fingerprint(run.merged),
+            "hidden_size": int(head["score.weight"].shape[1]),
+            "score_offset": offset,
+            "dataset": trainer.cfg.dataset,
+            "steps": trainer.step,
+        }
+        atomic_write_json(tmp / INFO, info)
+        atomic_write_text(tmp / "README.md", _card(trainer, info))
+    return out
+
+
+def _card(trainer: RewardTrainer, info: dict) -> str:
+    cfg = trainer.cfg
+    targets = modeling.adapter_targets(trainer.model)
+    return (
+        f"# Reward model adapter (rlhf reward)\n\n"
+        f"- base: {info['base']} (the merged SFT model of this run)\n"
+        f"- preference data: {cfg.dataset} ({len(trainer.train_pairs)} pairs)\n"
+        f"- LoRA: r={cfg.lora.rank}, alpha={cfg.lora.alpha}, targets {', '.join(targets)}\n"
+        f"- steps: {trainer.step} of {cfg.batch_size * cfg.gradient_accumulation_steps} pairs, learning rate "
+        f"{cfg.learning_rate}\n"
+        f"- date: {time.strftime('%Y-%m-%d')}\n\n"
+        f"The score of a text is `{SCORE_HEAD}` (`score.weight`, `score.bias`: Linear(hidden, 1), fp32) applied to\n"
+        f"the final hidden state of its last token; the bias is shifted so held-out answers score 0 on average.\n"
+        f"Load with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), this_dir)`.\n"
+    )
