@@ -19,10 +19,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from rlhf.errors import UserError
+from rlhf.reward_model.files import INFO, SCORE_HEAD
 from rlhf.rl.policy import position_ids_for
 
-SCORE_HEAD = "score_head.safetensors"
-INFO = "reward_model.json"  # beside the adapter: the base it was trained on (path and fingerprint), the hidden size
 REWARD_ADAPTER = "reward"  # the adapter's name inside the policy's PEFT model
 FINGERPRINT_BYTES = 4096
 
@@ -74,16 +73,6 @@ def base_fingerprint(model_dir: Path) -> str:
             f.seek(entry.start)
             digest.update(f.read(min(entry.nbytes, FINGERPRINT_BYTES)))
     return digest.hexdigest()
-
-
-def reward_adapter_dir(name: str) -> Path | None:
-    """The adapter directory of a reward model `rlhf reward` wrote, given RUN/reward or RUN/reward/adapter; None when
-    `name` is not such a directory."""
-    path = Path(name).expanduser()
-    for candidate in (path / "adapter", path):
-        if (candidate / SCORE_HEAD).is_file() and (candidate / "adapter_config.json").is_file():
-            return candidate
-    return None
 
 
 def read_info(adapter_dir: Path) -> dict:

@@ -16,7 +16,8 @@ from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.data import load_texts
 from rlhf.errors import UserError
-from rlhf.reward_model.model import SharedBaseReward, check_same_base, reward_adapter_dir
+from rlhf.reward_model.files import reward_adapter_dir
+from rlhf.reward_model.model import SharedBaseReward, check_same_base
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
 from rlhf.rl.evaluate import evaluate
