@@ -63,6 +63,7 @@ class FixturePaths:
     imdb: Path  # directory with train.jsonl, test.jsonl, README.md
     policy: Path  # HF model dir: tiny GPT-NeoX + byte-level BPE tokenizer
     reward: Path  # HF model dir: tiny DistilBERT sentiment classifier + WordPiece tokenizer
+    preferences: Path  # directory with train.jsonl, test.jsonl (prompt, chosen, rejected), README.md
 
 
 def cache_root() -> Path:
@@ -103,11 +104,12 @@ def resolve_fixture(name: str, seed: int = 0, progress: bool = True) -> Path:
 
 
 def ensure_fixtures(seed: int = 0, progress: bool = True) -> FixturePaths:
-    """Build whatever is missing of the three fixtures for `seed` and return their paths."""
+    """Build whatever is missing of the fixtures for `seed` and return their paths."""
     return FixturePaths(
         imdb=resolve_fixture("fixture:imdb", seed, progress),
         policy=resolve_fixture("fixture:tiny-gpt-neox", seed, progress),
         reward=resolve_fixture("fixture:tiny-distilbert-imdb", seed, progress),
+        preferences=resolve_fixture("fixture:imdb-preferences", seed, progress),
     )
 
 

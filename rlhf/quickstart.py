@@ -39,7 +39,7 @@ STEP_BANNER = {
 
 def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", reward_model: bool = False) -> int:
     from rlhf import merge, report, sft
-    from rlhf.fixtures import ensure_fixtures, resolve_fixture
+    from rlhf.fixtures import ensure_fixtures
     from rlhf.grpo import step as grpo
     from rlhf.ppo import step as ppo
     from rlhf.reward_model import step as reward_step
@@ -51,11 +51,9 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", rew
         raise UserError(f"{run.root} already holds a run; pass another --run, or --force to redo the quickstart in it")
     timings: dict[str, float] = {}
 
-    _banner("1/5 offline fixtures: synthetic IMDB, tiny GPT-NeoX, tiny DistilBERT classifier")
+    _banner("1/5 offline fixtures: synthetic IMDB, tiny GPT-NeoX, tiny DistilBERT classifier, preference pairs")
     t = time.time()
     paths = ensure_fixtures()
-    if reward_model:
-        resolve_fixture("fixture:imdb-preferences")
     timings["fixtures"] = time.time() - t
     print(f"fixtures ready in {timings['fixtures']:.0f}s under {paths.imdb.parent}", file=sys.stderr)
 

@@ -174,5 +174,8 @@ class Judged:
 def load_reward(name_or_path: str) -> ClassifierReward | CallableReward:
     spec = load_spec(name_or_path)
     if spec.type == "adapter":
-        raise UserError(f"{name_or_path} is a reward adapter: it scores inside PPO, on the policy's own model")
+        raise UserError(
+            f"{name_or_path} is a reward model of `rlhf reward`: it scores only inside `rlhf ppo --reward`, on the "
+            f"policy's own weights, so it cannot be a judge; give reward.judge a classifier spec (reward_models/)"
+        )
     return ClassifierReward(spec) if spec.type == "text-classification" else CallableReward(spec)
