@@ -225,6 +225,9 @@ def test_reward_adapter_leaves_policy_and_reference_bit_identical(reward_run):
     assert not any(p.requires_grad for n, p in model.named_parameters() if f".{REWARD_ADAPTER}." in n)
     assert not any(p.requires_grad for p in reward.head.parameters())
 
+    # Text-only callers get the same scores: the texts re-tokenized with the same tokenizer are the same ids.
+    assert torch.allclose(reward(["So I saw it", "It was"]).scores, scores, atol=1e-5)
+
     # The update's gradients reach the policy adapter and value head only.
     out = policy.score(ids, mask, 2)
     (out.logprobs.sum() + out.values.sum()).backward()
@@ -261,3 +264,22 @@ def test_ppo_runs_on_the_learned_reward_with_a_judge(reward_run, copy_run):
     row = read_jsonl(run / "ppo/metrics.jsonl")[0]
     assert math.isfinite(row["reward_mean"]) and row["reward_std"] > 0
     assert "judge: quickstart-sentiment" in (run / "recipe.yaml").read_text()
+
+
+def length_score(texts: list[str]) -> list[float]:
+    """A callable reward for the judge test: longer is better."""
+    return [float(len(t)) for t in texts]
+
+
+def test_a_judge_decides_positive_and_the_reward_the_score(fixture_paths, tmp_path):
+    from rlhf.rewards import Judged, load_reward
+
+    spec = tmp_path / "length.yaml"
+    spec.write_text("name: length\ntype: callable\ncallable: test_reward:length_score\n")
+    judged = Judged(load_reward(str(spec)), load_reward("quickstart-sentiment"))
+    texts = ["What a wonderful film, a delight.", "Awful. Avoid it."]
+    out = judged(texts)
+    assert out.scores.tolist() == [float(len(t)) for t in texts]
+    assert out.positive.tolist() == [True, False]  # the classifier's verdict, not score > 0 (both scores are > 0)
+    ids = torch.zeros(2, 3, dtype=torch.long)  # a reward without score_tokens scores the texts
+    assert judged.score_tokens(texts, ids, torch.ones_like(ids)).positive.tolist() == [True, False]
