@@ -121,34 +121,17 @@ class GenerationConfig(Section):
         return self
 
 
-class PpoConfig(Section):
-    section: ClassVar[str] = "ppo"  # the recipe key, for messages that name a setting
-    batch_size: int = Field(256, ge=1, description="prompts per PPO step")
-    mini_batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
-    rollout_batch_size: int = Field(64, ge=1, description="sequences generated and scored at once (memory)")
-    ppo_epochs: int = Field(4, ge=1)
+class RLConfig(Section):
+    """What every RL step after merge (ppo, grpo) is set by besides its algorithm: prompts, generation, the policy
+    LoRA, the optimizer, checkpoints, evaluation and the guards against over-optimisation."""
+
+    section: ClassVar[str] = "rl"
     learning_rate: float = Field(1.41e-5, gt=0)
     optimizer: Literal["adam", "adam_8bit"] = "adam"
     max_grad_norm: float | None = Field(None, gt=0)
-    max_steps: int = Field(100, ge=1, description="PPO steps (batches of prompts)")
-    init_kl_coef: float = Field(0.2, ge=0)
-    adaptive_kl: bool = True
-    target_kl: float = Field(6.0, gt=0)
-    kl_horizon: int = Field(10000, ge=1)
-    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
     entropy_coef: float = Field(
         0.0, ge=0, description="bonus on the policy's mean token entropy in the loss: keeps responses varied"
     )
-    whiten_advantages: bool = True
-    score_clip: float | None = Field(None, gt=0)
-    score_scale: float = 1.0
-    score_norm: bool = False
     prompt_min_tokens: int = Field(2, ge=1)
     prompt_max_tokens: int = Field(8, ge=1)
     prompt_min_chars: int = Field(200, ge=0, description="only documents longer than this become prompts")
@@ -166,6 +149,44 @@ class PpoConfig(Section):
     )
     seed: int = 0
 
+    def common_problems(self) -> list[str]:
+        """The problems every RL section can have; each section's validator reports them with its own, at once."""
+        problems = []
+        if self.prompt_min_tokens > self.prompt_max_tokens:
+            problems.append(
+                f"prompt_min_tokens ({self.prompt_min_tokens}) must be <= prompt_max_tokens ({self.prompt_max_tokens})"
+            )
+        if self.lora.dropout > 0:
+            problems.append(
+                f"lora.dropout ({self.lora.dropout}) must be 0: {self.section.upper()} scores its old log-probs and "
+                f"the reference with the model in train mode, and dropout would make them random samples"
+            )
+        return problems
+
+
+class PpoConfig(RLConfig):
+    section: ClassVar[str] = "ppo"  # the recipe key, for messages that name a setting
+    batch_size: int = Field(256, ge=1, description="prompts per PPO step")
+    mini_batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
+    rollout_batch_size: int = Field(64, ge=1, description="sequences generated and scored at once (memory)")
+    ppo_epochs: int = Field(4, ge=1)
+    max_steps: int = Field(100, ge=1, description="PPO steps (batches of prompts)")
+    init_kl_coef: float = Field(0.2, ge=0)
+    adaptive_kl: bool = True
+    target_kl: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_advantages: bool = True
+    score_clip: float | None = Field(None, gt=0)
+    score_scale: float = 1.0
+    score_norm: bool = False
+
     @model_validator(mode="after")
     def _batches(self) -> PpoConfig:
         problems = []
@@ -180,21 +201,13 @@ class PpoConfig(Section):
                 f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
-        if self.prompt_min_tokens > self.prompt_max_tokens:
-            problems.append(
-                f"prompt_min_tokens ({self.prompt_min_tokens}) must be <= prompt_max_tokens ({self.prompt_max_tokens})"
-            )
-        if self.lora.dropout > 0:
-            problems.append(
-                f"lora.dropout ({self.lora.dropout}) must be 0: PPO scores its old log-probs and the reference with "
-                f"the model in train mode, and dropout would make them random samples"
-            )
+        problems += self.common_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
-class GrpoConfig(Section):
+class GrpoConfig(RLConfig):
     """Critic-free RL (`rlhf grpo`): each prompt is sampled `group_size` times and each sample's advantage is its score
     against the others of its group, so no value head is trained."""
 
@@ -212,30 +225,8 @@ class GrpoConfig(Section):
     gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per mini-batch")
     rollout_batch_size: int = Field(64, ge=1, description="sequences generated and scored at once (memory)")
     epochs: int = Field(1, ge=1, description="passes over each step's samples; the clipped ratio acts after the first")
-    entropy_coef: float = Field(
-        0.0, ge=0, description="bonus on the policy's mean token entropy in the loss: keeps responses varied"
-    )
     cliprange: float = Field(0.2, gt=0)
-    learning_rate: float = Field(1.41e-5, gt=0)
-    optimizer: Literal["adam", "adam_8bit"] = "adam"
-    max_grad_norm: float | None = Field(None, gt=0)
     max_steps: int = Field(100, ge=1, description="steps (batches of prompts)")
-    prompt_min_tokens: int = Field(2, ge=1)
-    prompt_max_tokens: int = Field(8, ge=1)
-    prompt_min_chars: int = Field(200, ge=0, description="only documents longer than this become prompts")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(dropout=0.0))
-    gradient_checkpointing: bool = True
-    save_steps: int = Field(10, ge=1)
-    sample_every: int = Field(5, ge=1)
-    eval_prompts: int = Field(64, ge=0)
-    nonfinite_patience: int = Field(3, ge=1, description="stop after this many non-finite batches in a row")
-    # Guards against reward over-optimisation, as PPO's: stop early, keeping the last checkpoint saved before.
-    kl_ceiling: float | None = Field(None, gt=0, description="stop when a step's mean KL to the reference passes this")
-    diversity_floor: float | None = Field(
-        None, gt=0, le=1, description="stop when a step's distinct-2 falls below this share of the first step's"
-    )
-    seed: int = 0
 
     @model_validator(mode="after")
     def _groups(self) -> GrpoConfig:
@@ -265,15 +256,7 @@ class GrpoConfig(Section):
                 f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
-        if self.prompt_min_tokens > self.prompt_max_tokens:
-            problems.append(
-                f"prompt_min_tokens ({self.prompt_min_tokens}) must be <= prompt_max_tokens ({self.prompt_max_tokens})"
-            )
-        if self.lora.dropout > 0:
-            problems.append(
-                f"lora.dropout ({self.lora.dropout}) must be 0: GRPO scores its old log-probs and the reference with "
-                f"the model in train mode, and dropout would make them random samples"
-            )
+        problems += self.common_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -98,6 +98,22 @@ class Run:
         atomic_write_text(self.recipe_path, recipe.to_yaml())
 
 
+def merged_run_recipe(run: Run, recipe: Recipe) -> Recipe:
+    """The recipe `run` was trained with, once it is known to hold a merged model of `recipe`'s model: what every step
+    after `rlhf merge` (reward, ppo, grpo) starts from."""
+    if not run.recipe_path.is_file():
+        raise UserError(f"{run.root} holds no run; run `rlhf sft --run {run.root}` and `rlhf merge` first")
+    trained = run.load_recipe()
+    if trained.model.name != recipe.model.name:
+        raise UserError(
+            f"{run.root} was trained from '{trained.model.name}', but the recipe names '{recipe.model.name}'; "
+            f"use the run's recipe (omit --recipe) or another --run"
+        )
+    if not (run.merged / "config.json").is_file():
+        raise UserError(f"no merged model in {run.root}; run `rlhf merge --run {run.root}` first")
+    return trained
+
+
 def _latest_link(root: Path) -> Path:
     return root / "latest"
 

@@ -30,7 +30,7 @@ from rlhf.reward_model.loss import pair_stats
 from rlhf.reward_model.model import base_fingerprint
 from rlhf.reward_model.trainer import RewardTrainer
 from rlhf.rl import checkpoint
-from rlhf.runs import Run
+from rlhf.runs import Run, merged_run_recipe
 
 EVAL_KEYS = ("accuracy", "margin_mean", "chosen_mean", "rejected_mean", "loss")
 N_SAMPLES = 4
@@ -45,16 +45,7 @@ class RewardResult:
 
 
 def prepare(recipe: Recipe, run: Run, resume: bool, force: bool) -> Recipe:
-    if not run.recipe_path.is_file():
-        raise UserError(f"{run.root} holds no run; run `rlhf sft --run {run.root}` and `rlhf merge` first")
-    trained = run.load_recipe()
-    if trained.model.name != recipe.model.name:
-        raise UserError(
-            f"{run.root} was trained from '{trained.model.name}', but the recipe names '{recipe.model.name}'; "
-            f"use the run's recipe (omit --recipe) or another --run"
-        )
-    if not (run.merged / "config.json").is_file():
-        raise UserError(f"no merged model in {run.root}; run `rlhf merge --run {run.root}` first")
+    trained = merged_run_recipe(run, recipe)
     has_reward = any(
         p.exists() for p in (run.reward_dir / "metrics.jsonl", run.reward_checkpoints, run.reward_dir / "eval.json")
     )

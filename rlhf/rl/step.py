@@ -30,7 +30,7 @@ from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
 from rlhf.rl import checkpoint
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.trainer import RLTrainer
-from rlhf.runs import Run
+from rlhf.runs import Run, merged_run_recipe
 
 
 @dataclass
@@ -45,16 +45,7 @@ def prepare(recipe: Recipe, run: Run, reward: str | None, resume: bool, force: b
     """The recipe the step runs with (model, LoRA, data and SFT as the run was trained; the step's own section, reward
     and budget from `recipe`) and the reward's name; a UserError when the run is not ready for it."""
     label = step.upper()
-    if not run.recipe_path.is_file():
-        raise UserError(f"{run.root} holds no run; run `rlhf sft --run {run.root}` and `rlhf merge` first")
-    trained = run.load_recipe()
-    if trained.model.name != recipe.model.name:
-        raise UserError(
-            f"{run.root} was trained from '{trained.model.name}', but the recipe names '{recipe.model.name}'; "
-            f"use the run's recipe (omit --recipe) or another --run"
-        )
-    if not (run.merged / "config.json").is_file():
-        raise UserError(f"no merged model in {run.root}; run `rlhf merge --run {run.root}` first")
+    trained = merged_run_recipe(run, recipe)
     recipe = trained.model_copy(update={step: getattr(recipe, step), "reward": recipe.reward, "budget": recipe.budget})
     reward_name = reward or recipe.reward.name
     recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": reward_name})})
