@@ -9,6 +9,7 @@ hooks `extra_tensors`, `extra_state` and `load_extra`.
 from __future__ import annotations
 
 import sys
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -34,7 +35,7 @@ class NonFiniteError(RuntimeError):
     exit_code = 1
 
 
-class RLTrainer:
+class RLTrainer(ABC):
     name = "rl"  # the recipe section and the run's subdirectory: "ppo", "grpo"
     value_head = False
     kl_setting = ""  # the setting that holds the policy near the reference, named when the responses collapse
@@ -115,8 +116,9 @@ class RLTrainer:
             self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.learning_rate)
 
     # --- the loop ---
+    @abstractmethod
     def train_step(self) -> dict | None:
-        raise NotImplementedError
+        """One step of the algorithm on this rank's prompts: its metrics row, or None when the batch was skipped."""
 
     def train(self) -> None:
         cfg = self.cfg
@@ -201,8 +203,8 @@ class RLTrainer:
         """JSON-able state besides the step counters (PPO: the KL controller, the score statistics)."""
         return {}
 
-    def load_extra(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
-        """Restore what `extra_tensors` and `extra_state` saved."""
+    def load_extra(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> None:  # noqa: B027 - a hook
+        """Restore what `extra_tensors` and `extra_state` saved (nothing, for an algorithm that saves nothing else)."""
 
     def settings(self) -> dict:
         """What the trajectory depends on; a resume must not change it silently."""
