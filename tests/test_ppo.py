@@ -85,6 +85,41 @@ def test_left_padding_changes_nothing(which, atol, request):
     assert (wrong_lp - single.logprobs[0]).abs().max() > 3 * atol
 
 
+def test_padding_columns_are_cut_and_change_nothing(policy_fp32):
+    """Columns that are padding in every row (shared left padding, response tails masked in all rows) never reach the
+    model, and the log-probs, values and entropy of the rest are those of the batch without them; the cut tail comes
+    back as zeros, so callers see the width they asked for."""
+    pol, tok = policy_fp32
+    pad = tok.pad_token_id
+    prompts = [
+        tok("a dull plot", add_special_tokens=False)["input_ids"],
+        tok("I liked it", add_special_tokens=False)["input_ids"],
+    ]
+    ids, mask = left_pad(prompts, pad, "cpu")
+    response = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24]])
+    rmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # row 1 ends early: its own tail stays, masked
+    tight = (torch.cat([ids, response], 1), torch.cat([mask, rmask], 1))
+    # The same batch with 3 more all-pad prompt columns and a 3-token response tail masked in every row.
+    wide_ids = torch.cat([torch.full((2, 3), pad), ids, response, torch.full((2, 3), pad)], 1)
+    wide_mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), mask, rmask, torch.zeros(2, 3, dtype=torch.long)], 1)
+    seen = []
+    hook = pol.model.get_base_model().register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            expect = pol.score(*tight, 4, values=True, entropy=True)
+            got = pol.score(wide_ids, wide_mask, 7, values=True, entropy=True)
+    finally:
+        hook.remove()
+    assert seen == [tight[0].shape, tight[0].shape], seen  # the wide batch reached the model cut to the tight one
+    for name in ("logprobs", "values", "entropy"):
+        a, b = getattr(expect, name), getattr(got, name)
+        assert b.shape == (2, 7)
+        assert torch.allclose(b[:, :4], a, atol=1e-5), (name, (b[:, :4] - a).abs().max())
+        assert (b[:, 4:] == 0).all()
+
+
 @pytest.mark.parametrize("which, atol", [("policy_fp32", 1e-4), ("policy", INT8_BATCH_ATOL)])
 def test_generation_logprobs_match_scoring(which, atol, request):
     """Tokens sampled by the KV-cache loop are scored by the full forward at the same positions and get the same
@@ -116,12 +151,21 @@ def test_stop_at_eos_masks_what_follows(policy_fp32):
     eos = int(response[0, 2])  # a token row 0 really samples at its 3rd position, under the same seed
     torch.manual_seed(3)
     again, rmask, _ = pol.generate(ids, mask, 8, eos_token_id=eos)
-    assert torch.equal(again, response), "the mask changes nothing about sampling"
+    n = again.shape[1]
+    assert torch.equal(again, response[:, :n]), "the mask changes nothing about sampling"
     for row in range(2):
         hits = (again[row] == eos).nonzero().flatten().tolist()
-        first = hits[0] if hits else 8
+        first = hits[0] if hits else n
         assert rmask[row, : first + 1].all() and not rmask[row, first + 1 :].any(), (row, hits, rmask[row])
     assert not rmask[0, 3:].any()
+    # Once every row has ended, decoding stops: a row alone ends at its first EOS, and so does the response.
+    torch.manual_seed(5)
+    free, _, _ = pol.generate(ids[:1], mask[:1], 8)
+    end = int((free[0] == free[0, 2]).nonzero()[0]) + 1  # the first place its 3rd token occurs
+    torch.manual_seed(5)
+    alone, alone_mask, alone_lp = pol.generate(ids[:1], mask[:1], 8, eos_token_id=int(free[0, 2]))
+    assert alone.shape == alone_mask.shape == alone_lp.shape == (1, end) and alone_mask.all()
+    assert torch.equal(alone, free[:, :end])
 
 
 def test_reward_label_is_chosen_by_name(fixture_paths, tmp_path):

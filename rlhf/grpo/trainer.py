@@ -16,13 +16,11 @@ import time
 
 import torch
 
-from rlhf.diversity import distinct_n
 from rlhf.grpo import core
 from rlhf.grpo.update import micro_batch_size, optimise
-from rlhf.ppo.core import masked_mean
 from rlhf.rl.prompts import step_seed
 from rlhf.rl.rollout import collect, partition, score
-from rlhf.rl.telemetry import Timer, peak_memory_bytes
+from rlhf.rl.telemetry import Timer
 from rlhf.rl.trainer import RLTrainer
 from rlhf.rl.update import Optimisation
 
@@ -71,30 +69,16 @@ class GRPOTrainer(RLTrainer):
         self.step += 1
         # 6. metrics over every rank's samples (a rank's rows are whole groups, so gathered rows are too)
         elapsed = time.perf_counter() - started
-        n_tokens = float(rollout.response_mask.sum().item())
         all_scores = parallel.gather(rollout.scores.float())
         all_positive = parallel.gather(rollout.positive.float().to(all_scores.device))
         row = {
             "step": self.step,
-            "reward_mean": all_scores.mean().item(),
-            "reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
-            "positive_rate": all_positive.mean().item(),
+            **self.reward_metrics(all_scores, all_positive),
             **core.group_stats(all_scores, cfg.group_size),
             "kl": parallel.mean(kl.mean().item()),
             "kl_coef": cfg.beta,
             **{k: stats[k] for k in ("loss", "policy_loss", "kl_loss", "clipfrac", "approx_kl", "ratio")},
-            "grad_norm": stats["grad_norm"],
-            "first_ratio": stats["first_ratio"],
-            "first_approx_kl": stats["first_approx_kl"],
-            "first_clipfrac": stats["first_clipfrac"],
-            "entropy": masked_mean(rollout.entropy, rollout.response_mask).item(),
-            "distinct_2": parallel.mean(distinct_n(rollout.responses, 2)),
-            "response_len": n_tokens / len(rollout.prompts),
-            "tokens_per_s": parallel.mean(n_tokens / elapsed) * self.world_size,
-            "peak_mem_bytes": peak_memory_bytes(),
-            "nonfinite_skipped": self.nonfinite_total,  # batches and mini-batches skipped so far
-            **{f"time_{k}": v for k, v in self.timer.seconds.items()},
-            "time_step": elapsed,
+            **self.step_metrics(rollout, stats, elapsed),
         }
         self.log.metrics(row)
         if self.step % cfg.sample_every == 0 or self.step == 1:  # one sample per prompt

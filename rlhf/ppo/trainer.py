@@ -16,12 +16,11 @@ import time
 import torch
 
 from rlhf import modeling
-from rlhf.diversity import distinct_n
 from rlhf.ppo import core
 from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
 from rlhf.rl.prompts import step_seed
 from rlhf.rl.rollout import collect, partition, score
-from rlhf.rl.telemetry import Timer, peak_memory_bytes
+from rlhf.rl.telemetry import Timer
 from rlhf.rl.trainer import RLTrainer
 
 
@@ -78,28 +77,14 @@ class PPOTrainer(RLTrainer):
         self.kl_ctl.update(stats["kl"], cfg.batch_size * self.world_size)
         self.step += 1
         elapsed = time.perf_counter() - started
-        n_tokens = float(rollout.response_mask.sum().item())
         all_positive = parallel.gather(rollout.positive.float().to(all_scores.device))
         row = {
             "step": self.step,
-            "reward_mean": all_scores.mean().item(),
-            "reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
-            "positive_rate": all_positive.mean().item(),
+            **self.reward_metrics(all_scores, all_positive),
             "kl": stats["kl"],
             "kl_coef": kl_coef,
             **{k: stats[k] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio", "vf_clipfrac")},
-            "grad_norm": stats["grad_norm"],
-            "first_ratio": stats["first_ratio"],
-            "first_approx_kl": stats["first_approx_kl"],
-            "first_clipfrac": stats["first_clipfrac"],
-            "entropy": core.masked_mean(rollout.entropy, rollout.response_mask).item(),
-            "distinct_2": parallel.mean(distinct_n(rollout.responses, 2)),
-            "response_len": n_tokens / len(rollout.prompts),
-            "tokens_per_s": parallel.mean(n_tokens / elapsed) * self.world_size,
-            "peak_mem_bytes": peak_memory_bytes(),
-            "nonfinite_skipped": self.nonfinite_total,  # batches and mini-batches skipped so far
-            **{f"time_{k}": v for k, v in self.timer.seconds.items()},
-            "time_step": elapsed,
+            **self.step_metrics(rollout, stats, elapsed),
         }
         self.log.metrics(row)
         if self.step % cfg.sample_every == 0 or self.step == 1:

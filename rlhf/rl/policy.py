@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf.ppo.core import entropy_from_logits, logprobs_from_logits
+from rlhf.rl.prompts import pad_right
 
 
 class ValueHead(nn.Module):
@@ -36,6 +37,24 @@ def position_ids_for(attention_mask: Tensor) -> Tensor:
     at different rotary positions and the KL goes negative.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def trim_padding(input_ids: Tensor, attention_mask: Tensor, n_response: int) -> tuple[Tensor, Tensor, int]:
+    """Drop the columns that are padding in every row: leading prompt columns (prompts are left-padded) and trailing
+    response columns (responses are right-padded). Returns (ids, mask, response columns kept, at least one).
+
+    Exact: a masked column is attended by no position, and positions count real tokens only (`position_ids_for`).
+    Under LLM.int8 the outlier columns are picked per batch, so the cut changes the numbers, but the rollout's
+    scoring and the update cut the same micro-batch the same way, and the first ratio stays exactly 1.
+    """
+    real = attention_mask.bool().any(0).tolist()  # one sync for the whole decision
+    n_prompt = len(real) - n_response
+    start = next((i for i in range(n_prompt) if real[i]), n_prompt)
+    keep = max((i + 1 for i in range(n_response) if real[n_prompt + i]), default=1)
+    end = n_prompt + keep
+    if start == 0 and end == len(real):
+        return input_ids, attention_mask, n_response
+    return input_ids[:, start:end], attention_mask[:, start:end], keep
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -111,8 +130,12 @@ class Policy(nn.Module):
     ) -> Scored:
         """Log-probs (and values) of the last `n_response` tokens of prompt+response sequences.
 
-        Only the logits of those positions are computed (`logits_to_keep`), never batch x sequence x vocab.
+        Only the logits of those positions are computed (`logits_to_keep`), never batch x sequence x vocab. Columns
+        that are padding in every row (a micro-batch's shared left padding, response tails masked in all its rows) are
+        cut before the forward and come back as zeros: no position attends to them, so the rest is unchanged.
         """
+        width = n_response
+        input_ids, attention_mask, n_response = trim_padding(input_ids, attention_mask, n_response)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -129,6 +152,8 @@ class Policy(nn.Module):
         ent = entropy_from_logits(logits) if entropy else None
         vals = self.value_head(self._hidden[:, :-1]) if values and self.value_head is not None else None
         self._hidden = None
+        if n_response < width:
+            logprobs, vals, ent = (None if t is None else pad_right(t, width, 0) for t in (logprobs, vals, ent))
         return Scored(logprobs, vals, ent)
 
     score = forward
@@ -141,27 +166,31 @@ class Policy(nn.Module):
 
         Returns (response_ids [B, N], response_mask [B, N], logprobs [B, N]: each sampled token's log-prob under the
         distribution it was drawn from); with `eos_token_id`, tokens after a row's first EOS are masked out (the row
-        keeps its EOS). Our own loop rather than generate(): positions, sampling and stopping are exactly those the
-        scoring forward assumes.
+        keeps its EOS), and decoding stops once every row has ended (N < max_new_tokens then). Our own loop rather
+        than generate(): positions, sampling and stopping are exactly those the scoring forward assumes.
         """
         from transformers import DynamicCache
 
-        ids, mask = prompt_ids, prompt_mask
-        positions = position_ids_for(mask)
+        ids, prompt_width = prompt_ids, prompt_ids.shape[1]
+        positions = position_ids_for(prompt_mask)
+        # The mask of every step at once, sliced per step, rather than a concatenation per token.
+        full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(ids.shape[0], max_new_tokens)], 1)
         cache = DynamicCache(config=self.model.config)
         step_ids, step_pos = ids, positions
         out_tokens, out_logprobs, response_mask = [], [], []
         alive = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             out = self.model(
                 input_ids=step_ids,
-                attention_mask=mask,
+                attention_mask=full_mask[:, : prompt_width + i],
                 position_ids=step_pos,
                 use_cache=True,
                 logits_to_keep=1,
                 **{self._cache_kwarg: cache},
             )
-            logits = out.logits[:, -1].float() / self.temperature
+            logits = out.logits[:, -1].float()
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
             token = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
             logprobs = torch.log_softmax(logits, dim=-1)
             out_tokens.append(token)
@@ -169,7 +198,8 @@ class Policy(nn.Module):
             response_mask.append(alive.clone())
             if eos_token_id is not None:
                 alive &= token != eos_token_id
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if not alive.any():  # every row has ended: what would follow is masked out anyway
+                    break
             step_ids = token[:, None]
             step_pos = positions[:, -1:] + len(out_tokens)
         return torch.stack(out_tokens, 1), torch.stack(response_mask, 1).long(), torch.stack(out_logprobs, 1)

@@ -147,13 +147,15 @@ def score(rollout: Rollout, policy: Policy, batches: list[Tensor], values: bool,
     ref_logprobs, entropy = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
     vals = torch.zeros_like(logprobs) if values else None
     policy.train()
+    batches = [idx.to(ids.device) for idx in batches]
     for idx in batches:
-        idx = idx.to(ids.device)
         own = policy.score(ids[idx], mask[idx], width_r, values=values, entropy=True)
-        with policy.reference():
-            ref = policy.score(ids[idx], mask[idx], width_r, values=False)
-        logprobs[idx], entropy[idx], ref_logprobs[idx] = own.logprobs, own.entropy, ref.logprobs
+        logprobs[idx], entropy[idx] = own.logprobs, own.entropy
         if values:
             vals[idx] = own.values
+    # One switch of the adapter for all micro-batches: peft's disable_adapter() walks the whole model each time.
+    with policy.reference():
+        for idx in batches:
+            ref_logprobs[idx] = policy.score(ids[idx], mask[idx], width_r, values=False).logprobs
     rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.entropy = logprobs, ref_logprobs, vals, entropy
     timer.add("forward", t)

@@ -16,7 +16,9 @@ import torch
 from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.data import load_texts
+from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
+from rlhf.ppo.core import masked_mean
 from rlhf.reward_model.files import reward_adapter_dir
 from rlhf.reward_model.model import SharedBaseReward, check_same_base
 from rlhf.rewards import Judged, load_reward, load_spec
@@ -25,7 +27,7 @@ from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
 from rlhf.rl.prompts import Prompts
-from rlhf.rl.telemetry import Log, Timer, progress
+from rlhf.rl.telemetry import Log, Timer, peak_memory_bytes, progress
 from rlhf.runs import Run
 
 
@@ -115,6 +117,36 @@ class RLTrainer(ABC):
         else:
             self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.learning_rate)
 
+    # --- metrics ---
+    def reward_metrics(self, all_scores: torch.Tensor, all_positive: torch.Tensor) -> dict:
+        """The reward of the step's samples over every rank (its first columns in metrics.jsonl)."""
+        return {
+            "reward_mean": all_scores.mean().item(),
+            "reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
+            "positive_rate": all_positive.mean().item(),
+        }
+
+    def step_metrics(self, rollout, stats: dict, elapsed: float) -> dict:
+        """What every RL step logs after its algorithm's own columns: the update's gradient and first-ratio stats,
+        the responses (entropy, diversity, length), throughput and where the step's time went."""
+        n_tokens = float(rollout.response_mask.sum().item())
+        return {
+            "grad_norm": stats["grad_norm"],
+            "first_ratio": stats["first_ratio"],
+            "first_approx_kl": stats["first_approx_kl"],
+            "first_clipfrac": stats["first_clipfrac"],
+            "entropy": masked_mean(rollout.entropy, rollout.response_mask).item(),
+            "distinct_2": self.parallel.mean(distinct_n(rollout.responses, 2)),
+            "response_len": n_tokens / len(rollout.prompts),
+            # Response tokens per second of the whole step (generation, scoring and update), all ranks together.
+            "tokens_per_s": self.parallel.mean(n_tokens / elapsed) * self.world_size,
+            "generate_share": self.timer.seconds.get("generate", 0.0) / elapsed,
+            "peak_mem_bytes": peak_memory_bytes(),
+            "nonfinite_skipped": self.nonfinite_total,  # batches and mini-batches skipped so far
+            **{f"time_{k}": v for k, v in self.timer.seconds.items()},
+            "time_step": elapsed,
+        }
+
     # --- the loop ---
     @abstractmethod
     def train_step(self) -> dict | None:
@@ -129,8 +161,9 @@ class RLTrainer(ABC):
                 continue
             bar.update(1)
             bar.set_postfix(
-                reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}"
-            )
+                reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}",
+                tok_s=f"{row['tokens_per_s']:.0f}", gen=f"{100 * row['generate_share']:.0f}%",
+            )  # fmt: skip
             self.early_stop = self._guard(row)
             if self.early_stop:
                 bar.close()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# rlhf's PPO step beside trl 0.11.4's (see benchmarks/ppo_vs_trl.py). Builds trl 0.11.4 in its own venv once
+# (CPU torch first: a plain torch would pull the CUDA build), then runs the comparison with this python's rlhf.
+#   bash benchmarks/ppo_vs_trl.sh [ppo_vs_trl.py options]      TRL_VENV=DIR to put the venv elsewhere
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="${TRL_VENV:-${RLHF_CACHE:-$HOME/.cache/rlhf}/trl-0.11.4-venv}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import rich, trl; assert trl.__version__ == '0.11.4'" 2>/dev/null; then
+  python -m venv "$venv"
+  "$venv/bin/pip" install -q torch==2.13.0
+  "$venv/bin/pip" install -q trl==0.11.4 transformers==4.46.3 peft==0.13.2 accelerate==1.1.1 rich  # trl 0.11.4 imports rich without declaring it
+fi
+exec python "$here/ppo_vs_trl.py" --trl-python "$venv/bin/python" "$@"
