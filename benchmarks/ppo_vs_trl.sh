@@ -5,9 +5,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="${TRL_VENV:-${RLHF_CACHE:-$HOME/.cache/rlhf}/trl-0.11.4-venv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import rich, trl; assert trl.__version__ == '0.11.4'" 2>/dev/null; then
+# The blog's stack had bitsandbytes (for 8-bit); with it installed, peft loads it on both sides, as it does here, so
+# that peak memory compares like with like. Same version as this environment's.
+bnb="$(python -c 'import bitsandbytes; print(bitsandbytes.__version__)')"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import rich, trl, bitsandbytes as b; assert trl.__version__ == '0.11.4' and b.__version__ == '$bnb'" 2>/dev/null; then
   python -m venv "$venv"
   "$venv/bin/pip" install -q torch==2.13.0
-  "$venv/bin/pip" install -q trl==0.11.4 transformers==4.46.3 peft==0.13.2 accelerate==1.1.1 rich  # trl 0.11.4 imports rich without declaring it
+  # rich: trl 0.11.4 imports it without declaring it.
+  "$venv/bin/pip" install -q trl==0.11.4 transformers==4.46.3 peft==0.13.2 accelerate==1.1.1 rich "bitsandbytes==$bnb"
 fi
 exec python "$here/ppo_vs_trl.py" --trl-python "$venv/bin/python" "$@"
