@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -272,17 +273,20 @@ def machine() -> str:
 
 
 def section(result: dict) -> str:
+    dtype = result["settings"]["dtype"]
+    flag = "" if dtype == "float32" else f" --dtype {dtype}"
     out = [
         SECTION,
         "",
-        f"`bash benchmarks/ppo_vs_trl.sh --rounds {result['rounds']} --steps {result['settings']['steps']}` — "
+        f"`bash benchmarks/ppo_vs_trl.sh --rounds {result['rounds']} --steps {result['settings']['steps']}{flag}` — "
         f"{result['date']}, {result['machine']}; load average {result['load'][0]:.1f} before, "
         f"{result['load'][1]:.1f} after. rlhf at commit {result['commit']} (torch "
         f"{result['rlhf_versions']['torch']}, transformers {result['rlhf_versions']['transformers']}, peft "
         f"{result['rlhf_versions']['peft']}); trl {result['trl_versions']['trl']} with transformers "
         f"{result['trl_versions']['transformers']}, peft {result['trl_versions']['peft']}, torch "
         f"{result['trl_versions']['torch']}. Batch 16, mini-batch 4, 4 PPO epochs, LoRA r=16 on query_key_value, "
-        f"responses of exactly 16 tokens, prompts of 2-8 tokens, float32, unquantized on every side; each side in "
+        f"responses of exactly 16 tokens, prompts of 2-8 tokens, {result['settings']['dtype']}, unquantized on every "
+        f"side; each side in "
         f"its own process, {result['rounds']} rounds interleaved, 1 warm-up + {result['settings']['steps']} "
         f"measured steps a round: medians of {result['rounds'] * result['settings']['steps']} steps.",
         "",
@@ -309,7 +313,8 @@ def section(result: dict) -> str:
         "hence its total exceeds the four).",
         "",
     ]
-    return "\n".join(out)
+    wrap = lambda line: line if line.startswith("|") else textwrap.fill(line, 120, break_on_hyphens=False)  # noqa: E731
+    return "\n".join(wrap(line) for line in out)
 
 
 def write_section(text: str) -> None:
@@ -332,10 +337,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the job files and the random model here")
     parser.add_argument("--no-write", action="store_true", help="print the section, do not write docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--from-json", type=Path, help="render the section from a --json file of an earlier run")
     parser.add_argument("--rlhf-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rlhf_child:
         print("RESULT " + json.dumps(run_rlhf(args.rlhf_child)), flush=True)
+        return
+    if args.from_json:
+        text = section(json.loads(args.from_json.read_text()))
+        print(text)
+        if not args.no_write:
+            write_section(text)
         return
     if any(side.startswith("trl") for side in args.sides) and not args.trl_python:
         raise SystemExit("--trl-python: the python of a trl 0.11.4 venv is needed (bash benchmarks/ppo_vs_trl.sh)")

@@ -60,8 +60,8 @@ def test_rloo_with_kl_in_the_reward_writes_what_ppo_writes(merged_run, copy_run)
     assert [p.name for p in Run(run).grpo_checkpoints.iterdir()] == ["step-1", "step-2"]
     rows = read_jsonl(run / "grpo/metrics.jsonl")
     for key in ("reward_mean", "reward_std", "positive_rate", "kl", "kl_coef", "loss", "policy_loss", "clipfrac",
-                "ratio", "first_ratio", "group_reward_std", "zero_spread_groups", "tokens_per_s", "peak_mem_bytes",
-                "time_generate", "time_reward", "time_forward", "time_train"):  # fmt: skip
+                "ratio", "first_ratio", "group_reward_std", "zero_spread_groups", "tokens_per_s", "generate_share",
+                "peak_mem_bytes", "time_generate", "time_reward", "time_forward", "time_train"):  # fmt: skip
         assert key in rows[-1], key
     assert rows[0]["first_ratio"] == pytest.approx(1.0, abs=1e-4), "the first mini-batch sees the sampling policy"
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6), "the first rollout is sampled by the reference itself"

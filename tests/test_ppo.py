@@ -233,12 +233,18 @@ def test_resume_continues_exactly(merged_run, copy_run):
     )
 
 
-def test_ppo_outputs_and_base_untouched(merged_run, copy_run):
+def test_ppo_outputs_and_base_untouched(merged_run, copy_run, capsys):
     run = copy_run(merged_run)
     merged_before = (run / "merged/model.safetensors").read_bytes()
     assert _ppo(run, "ppo.max_steps=2") == 0
     assert (run / "merged/model.safetensors").read_bytes() == merged_before
     last = read_jsonl(run / "ppo/metrics.jsonl")[-1]
+    # Throughput, as the progress bar shows it: response tokens per second of the whole step, the generation share.
+    assert last["tokens_per_s"] == pytest.approx(last["response_len"] * 16 / last["time_step"], rel=1e-6)
+    assert last["generate_share"] == pytest.approx(last["time_generate"] / last["time_step"])
+    assert 0 < last["generate_share"] < 1
+    bar = capsys.readouterr().err
+    assert f"tok_s={last['tokens_per_s']:.0f}" in bar and f"gen={100 * last['generate_share']:.0f}%" in bar
     for key in (
         "step",
         "reward_mean",
