@@ -173,9 +173,10 @@ def rlhf_trainer(job: dict, work: Path):
     trainer.log = Log(work, "ppo", enabled=False)
     trainer._setup_model()
     trainer.reward = load_reward("quickstart-sentiment")
-    trainer._setup_data()
 
-    class FixedPrompts:  # the job's prompts, the same on every side
+    # The job's prompts, the same on every side; no dataset is loaded on either (the trainer's _setup_data would
+    # load and tokenize the corpus, which trl's side does not do).
+    class FixedPrompts:
         def batch(self, step, size, rank=0, world_size=1):
             return job["prompts"][step % len(job["prompts"])]
 

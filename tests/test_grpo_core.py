@@ -173,3 +173,15 @@ def test_grpo_loss_agrees_with_trl_compute_loss():
     assert torch.allclose(our_grad, trl_grad, atol=1e-7)
     assert stats["kl_loss"].item() == pytest.approx(trainer._metrics["train"]["kl"][0], rel=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(trainer._metrics["train"]["clip_ratio/region_mean"][0], rel=1e-6)
+
+
+def test_padding_far_from_the_reference_gives_finite_gradients():
+    """k3 = expm1(ref - logp) - (ref - logp): a padded position with ref 0 and logp -200 overflows; it must not turn
+    the mini-batch's gradient into nan (the update would then skip it)."""
+    logp = torch.tensor([[-1.0, -2.0, -200.0]], requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.8, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0]), mask, 0.2, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    assert all(torch.isfinite(v) for v in stats.values())

@@ -410,3 +410,22 @@ def test_kl_controllers_state_dict_and_factory():
         make_kl_controller("pid", 0.2)
     with pytest.raises(ValueError, match="target"):
         make_kl_controller("adaptive", 0.2)
+
+
+def test_padding_far_from_the_old_logprob_gives_finite_gradients():
+    """A padded position may hold 0 on one side and a real log-prob on the other (columns cut per micro-batch, and
+    later epochs regroup the rows): exp(200) overflows, and its 0 x inf in the backward would be nan."""
+    logp = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -1.9, -200.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = policy_loss(logp, old, torch.tensor([[1.0, -1.0, 1.0]]), mask, 0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    assert all(torch.isfinite(v) for v in stats.values())
+    # The real positions are untouched by the padding's value.
+    again = logp.detach().clone().requires_grad_(True)
+    ref_loss, _ = policy_loss(
+        again, old.clone().index_fill_(1, torch.tensor([2]), 0.0), torch.tensor([[1.0, -1.0, 1.0]]), mask, 0.2
+    )
+    ref_loss.backward()
+    assert loss.item() == ref_loss.item() and torch.equal(logp.grad, again.grad)

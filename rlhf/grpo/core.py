@@ -100,6 +100,8 @@ def grpo_loss(
     """
     per_token_advantages = advantages.float()[:, None].expand_as(mask)
     pg, stats = policy_loss(logprobs, old_logprobs, per_token_advantages, mask, cliprange)
+    # The reference equals the policy at padding, as `policy_loss` zeroes its log-ratio there: no overflowing exp.
+    ref_logprobs = torch.where(mask.bool(), ref_logprobs.float(), logprobs.detach().float())
     kl = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
     loss = pg + beta * kl if beta else pg
     return loss, {"loss": loss.detach(), "policy_loss": pg.detach(), "kl_loss": kl.detach(), **stats}

@@ -298,7 +298,9 @@ def policy_loss(
     scalars): clipfrac, the share of real tokens where the clipped branch is the larger (so their gradient is 0);
     approx_kl, masked_mean(0.5 * (logp - old)^2), the "k2" estimate of KL(old || new); ratio, the mean ratio.
     """
-    log_ratio = logprobs.float() - old_logprobs.detach().float()
+    # 0 at padding: what a padded position holds depends on how its micro-batch was cut (`Policy.forward`), and an
+    # exp that overflows there would give 0 x inf = nan in the backward, which masked_mean's where() cannot stop.
+    log_ratio = torch.where(mask.bool(), logprobs.float() - old_logprobs.detach().float(), 0.0)
     ratio = torch.exp(log_ratio)
     advantages = advantages.detach().float()
     unclipped = -advantages * ratio

@@ -49,7 +49,8 @@ def trim_padding(input_ids: Tensor, attention_mask: Tensor, n_response: int) -> 
     """
     real = attention_mask.bool().any(0).tolist()  # one sync for the whole decision
     n_prompt = len(real) - n_response
-    start = next((i for i in range(n_prompt) if real[i]), n_prompt)
+    # At least one prompt column stays: the first response token's log-prob is read at the position before it.
+    start = next((i for i in range(n_prompt) if real[i]), max(n_prompt - 1, 0))
     keep = max((i + 1 for i in range(n_response) if real[n_prompt + i]), default=1)
     end = n_prompt + keep
     if start == 0 and end == len(real):
