@@ -3,8 +3,9 @@
     bash benchmarks/ppo_vs_trl.sh [--scales quickstart random-105m] [--rounds 2] [--steps 4] [--no-write]
     (= python benchmarks/ppo_vs_trl.py --trl-python VENV/bin/python ..., the wrapper builds VENV once)
 
-Three sides, each in its own process (so peaks do not mix), on the same inputs:
+Four sides, each in its own process (so peaks do not mix), on the same inputs:
   rlhf               `PPOTrainer.ppo_step()`: the trainer's own rollout, scoring and update
+  rlhf-compile       the same with `ppo.compile: true` (its warm-up step compiles; reported apart)
   trl batched        trl 0.11.4: `ppo_trainer.generate(queries, batch_size=B)` -> sentiment pipeline ->
                      `ppo_trainer.step` (benchmarks/trl_0114_side.py, in its own venv)
   trl one-at-a-time  the same, generating one query at a time as the blog's loop does
@@ -45,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## PPO step beside trl 0.11.4"
-SIDES = ("rlhf", "trl-batched", "trl-one-at-a-time")
+SIDES = ("rlhf", "rlhf-compile", "trl-batched", "trl-one-at-a-time")
 SETTINGS = {
     "batch_size": 16,
     "mini_batch_size": 4,
@@ -128,7 +129,7 @@ def build_inputs(work: Path, scales: list[str], settings: dict, n_steps: int) ->
 # --- the rlhf side (a child process) ---------------------------------------------------------------------------
 
 
-def rlhf_trainer(job: dict, work: Path):
+def rlhf_trainer(job: dict, work: Path, compile: bool = False):
     """A PPOTrainer set up as `rlhf ppo` sets it up (minus the run directory), on the job's model and prompts."""
     import torch
 
@@ -164,6 +165,7 @@ def rlhf_trainer(job: dict, work: Path):
         "ppo.gradient_checkpointing=false",
         "ppo.optimizer=adam",
         "ppo.eval_prompts=0",
+        f"ppo.compile={str(compile).lower()}",
     ]
     recipe = load_recipe("quickstart", overrides)
     recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": job["model"]})})
@@ -190,14 +192,14 @@ def rlhf_trainer(job: dict, work: Path):
     return trainer
 
 
-def run_rlhf(job_file: Path) -> dict:
+def run_rlhf(job_file: Path, compile: bool) -> dict:
     import torch
 
     job = json.loads(job_file.read_text())
     s = job["settings"]
     t_setup = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="rlhf-vs-trl-"))
-    trainer = rlhf_trainer(job, work)
+    trainer = rlhf_trainer(job, work, compile)
     setup = time.perf_counter() - t_setup
     rows = []
     for step in range(s["warmup"] + s["steps"]):
@@ -216,14 +218,15 @@ def run_rlhf(job_file: Path) -> dict:
                 "kl": stats["kl"],
             }
         )
-        print(f"   rlhf step {step}: {total:.2f} s", flush=True)
+        print(f"   rlhf{' compile' if compile else ''} step {step}: {total:.2f} s", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     import peft
     import transformers
 
     return {
-        "side": "rlhf",
+        "side": "rlhf-compile" if compile else "rlhf",
         "steps": rows[s["warmup"] :],
+        "warmup": sum(r["total"] for r in rows[: s["warmup"]]),
         "setup": setup,
         "peak_rss": peak_rss(),
         "versions": {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__},
@@ -253,6 +256,7 @@ def summarise(runs: list[dict]) -> dict:
         "all_totals": [round(r["total"], 3) for r in steps],
         "tokens_per_s": tokens / med["total"],
         "peak_rss": max(run["peak_rss"] for run in runs),
+        "warmup": statistics.median(run["warmup"] for run in runs),
         "versions": runs[0]["versions"],
         "n": len(steps),
     }
@@ -292,8 +296,8 @@ def section(result: dict) -> str:
         f"measured steps a round: medians of {result['rounds'] * result['settings']['steps']} steps.",
         "",
         "| scale | side | s / step | x trl batched | response tok/s | generate | reward | forward passes | update | "
-        "peak RSS |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak RSS | first step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scale, sides in result["scales"].items():
         base = sides["trl-batched"]["total"]
@@ -304,14 +308,15 @@ def section(result: dict) -> str:
             out.append(
                 f"| {scale} | {side} | {r['total']:.3f} | {base / r['total']:.2f}x | {r['tokens_per_s']:.0f} | "
                 f"{r['generate']:.3f} | {r['reward']:.3f} | {r['forward']:.3f} | {r['train']:.3f} | "
-                f"{r['peak_rss'] / 2**20:.0f} MiB |"
+                f"{r['peak_rss'] / 2**20:.0f} MiB | {r['warmup']:.1f} s |"
             )
     out += [
         "",
         "`x trl batched`: trl batched's seconds per step over the side's (above 1: faster). The split is each "
         "side's own timers: rlhf's `time_generate/reward/forward/train` metrics; trl's generate and pipeline calls "
         "and its `time/ppo/forward_pass` and `time/ppo/optimize_step` (trl's step also computes statistics, "
-        "hence its total exceeds the four).",
+        "hence its total exceeds the four). `rlhf-compile`: rlhf with `ppo.compile: true`, whose first step compiles "
+        "the scoring and update passes (`first step`: the warm-up step, not in the medians).",
         "",
     ]
     wrap = lambda line: line if line.startswith("|") else textwrap.fill(line, 120, break_on_hyphens=False)  # noqa: E731
@@ -340,9 +345,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--from-json", type=Path, help="render the section from a --json file of an earlier run")
     parser.add_argument("--rlhf-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rlhf_child:
-        print("RESULT " + json.dumps(run_rlhf(args.rlhf_child)), flush=True)
+        print("RESULT " + json.dumps(run_rlhf(args.rlhf_child, args.compile)), flush=True)
         return
     if args.from_json:
         text = section(json.loads(args.from_json.read_text()))
@@ -360,6 +366,7 @@ def main() -> None:
     trl_side = str(ROOT / "benchmarks" / "trl_0114_side.py")
     commands = {
         "rlhf": lambda job: [sys.executable, __file__, "--rlhf-child", str(job)],
+        "rlhf-compile": lambda job: [sys.executable, __file__, "--rlhf-child", str(job), "--compile"],
         "trl-batched": lambda job: [args.trl_python, trl_side, str(job), "batched"],
         "trl-one-at-a-time": lambda job: [args.trl_python, trl_side, str(job), "one-at-a-time"],
     }

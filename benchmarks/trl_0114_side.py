@@ -132,6 +132,7 @@ def main() -> None:
             {
                 "side": f"trl-{mode}",
                 "steps": measured,
+                "warmup": sum(r["total"] for r in rows[: s["warmup"]]),
                 "setup": setup,
                 "peak_rss": peak_rss(),
                 "versions": {

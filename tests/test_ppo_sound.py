@@ -98,6 +98,36 @@ def test_old_logprobs_scored_in_the_update_partition_match_exactly(merged_run, t
     assert other > 1e-4, "the batch dependence this guards against must show, or the test proves nothing"
 
 
+# --- compiled passes --------------------------------------------------------------------------------------------
+
+
+def test_compiled_passes_give_the_eager_numbers(merged_run, tmp_path):
+    """ppo.compile=true compiles the scoring and update passes (not generation): on the 8-bit model they give the
+    eager passes' log-probs, values, reference log-probs and gradients."""
+    eager = _trainer(merged_run, tmp_path / "eager")
+    compiled = _trainer(merged_run, tmp_path / "compiled", "ppo.compile=true")
+    assert eager.policy._scoring_model is eager.policy.model
+    assert compiled.policy._scoring_model is not compiled.policy.model, "the setting must reach the policy"
+    for trainer in (eager, compiled):
+        _nudge_adapter(trainer.model)
+    compiled.policy.value_head.load_state_dict(eager.policy.value_head.state_dict())
+    order = torch.arange(16)
+    a, b = _scored_rollout(eager, order), _scored_rollout(compiled, order)
+    assert torch.equal(a.response, b.response), "generation is the same eager loop"
+    for name in ("logprobs", "values", "ref_logprobs"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.allclose(x, y, atol=1e-4), (name, (x - y).abs().max())
+    grads = []
+    for trainer in (eager, compiled):
+        policy = trainer.policy.train()
+        policy.zero_grad(set_to_none=True)
+        out = policy(a.input_ids[:8], a.attention_mask[:8], a.response.shape[1], values=True, entropy=True)
+        (out.logprobs.sum() + out.values.sum() + out.entropy.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4), (grads[0] - grads[1]).abs().max()
+
+
 # --- dropout ----------------------------------------------------------------------------------------------------
 
 

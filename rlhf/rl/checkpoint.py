@@ -21,7 +21,7 @@ from rlhf.io import atomic_dir, atomic_write_json
 KEPT = 2
 
 # Settings that cannot change the trajectory of a run: a resume may change them freely.
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "sample_every", "eval_prompts", "nonfinite_patience"}
+RESUMABLE_CHANGES = {"max_steps", "save_steps", "sample_every", "eval_prompts", "nonfinite_patience", "compile"}
 
 
 def step_of(path: Path) -> int:

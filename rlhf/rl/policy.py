@@ -99,9 +99,12 @@ class Policy(nn.Module):
     `score`, the only pass that takes gradients.
     """
 
-    def __init__(self, model, value_head: ValueHead | None = None, temperature: float = 1.0):
+    def __init__(self, model, value_head: ValueHead | None = None, temperature: float = 1.0, compile: bool = False):
         super().__init__()
         self.model = model
+        # The passes with a fixed structure (scoring, the update) are compiled; generation's growing KV cache is not.
+        # dynamic: every micro-batch has its own width. Not a submodule (the key would hide the model's parameters).
+        self.__dict__["_scoring_model"] = torch.compile(model, dynamic=True) if compile else model
         self.value_head = value_head
         self.temperature = temperature
         self._hidden: Tensor | None = None
@@ -137,7 +140,7 @@ class Policy(nn.Module):
         """
         width = n_response
         input_ids, attention_mask, n_response = trim_padding(input_ids, attention_mask, n_response)
-        out = self.model(
+        out = self._scoring_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_for(attention_mask),

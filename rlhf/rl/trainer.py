@@ -87,7 +87,7 @@ class RLTrainer(ABC):
         self.model = modeling.add_lora(base, self.cfg.lora)
         disable_dropout(self.model)
         value_head = ValueHead(base.config.hidden_size).to(modeling.device()) if self.value_head else None
-        self.policy = Policy(self.model, value_head, self.cfg.generation.temperature)
+        self.policy = Policy(self.model, value_head, self.cfg.generation.temperature, compile=self.cfg.compile)
         self.params = self.policy.trainable_parameters()
         self.module = self.parallel.wrap(self.policy)  # DDP averages the trainable parameters' gradients
 
