@@ -275,7 +275,6 @@ def run_variant(name: str, work: Path, cfg: dict, device: str) -> dict:
 
     from rlhf import modeling
     from rlhf.config import load_recipe
-    from rlhf.ppo import core
     from rlhf.ppo.trainer import PPOTrainer
     from rlhf.resolve import resolve_model
     from rlhf.rewards import load_reward
@@ -347,11 +346,8 @@ def run_variant(name: str, work: Path, cfg: dict, device: str) -> dict:
 
         trainer.prompts = RandomPrompts()
     trainer._setup_optimizer()
+    trainer.setup_controllers()
     c = trainer.cfg
-    trainer.kl_ctl = core.make_kl_controller(
-        "adaptive" if c.adaptive_kl else "fixed", c.init_kl_coef, c.target_kl, c.kl_horizon
-    )
-    trainer.score_transform = core.ScoreTransform(c.score_clip, c.score_scale, c.score_norm)
     ref_policy = None
     if reference == "copy":
         ref = modeling.load_base(recipe.model, path)

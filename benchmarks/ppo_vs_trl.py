@@ -134,7 +134,6 @@ def rlhf_trainer(job: dict, work: Path, compile: bool = False):
     import torch
 
     from rlhf.config import load_recipe
-    from rlhf.ppo import core
     from rlhf.ppo.trainer import PPOTrainer
     from rlhf.rewards import load_reward
     from rlhf.rl.parallel import Parallel
@@ -184,11 +183,7 @@ def rlhf_trainer(job: dict, work: Path, compile: bool = False):
 
     trainer.prompts = FixedPrompts()
     trainer._setup_optimizer()
-    c = trainer.cfg
-    trainer.kl_ctl = core.make_kl_controller(
-        "adaptive" if c.adaptive_kl else "fixed", c.init_kl_coef, c.target_kl, c.kl_horizon
-    )
-    trainer.score_transform = core.ScoreTransform(c.score_clip, c.score_scale, c.score_norm)
+    trainer.setup_controllers()
     return trainer
 
 

@@ -34,6 +34,10 @@ class PPOTrainer(RLTrainer):
 
     def setup(self) -> None:
         super().setup()
+        self.setup_controllers()
+
+    def setup_controllers(self) -> None:
+        """The KL controller and the score transform (a checkpoint restores their state over these)."""
         cfg = self.cfg
         self.kl_ctl = core.make_kl_controller(
             "adaptive" if cfg.adaptive_kl else "fixed", cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon
