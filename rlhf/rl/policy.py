@@ -103,7 +103,8 @@ class Policy(nn.Module):
         super().__init__()
         self.model = model
         # The passes with a fixed structure (scoring, the update) are compiled; generation's growing KV cache is not.
-        # dynamic: every micro-batch has its own width. Not a submodule (the key would hide the model's parameters).
+        # dynamic: every micro-batch has its own width. Kept out of the submodules: registered, the compiled wrapper
+        # would list the model's parameters a second time (state_dict, DDP).
         self.__dict__["_scoring_model"] = torch.compile(model, dynamic=True) if compile else model
         self.value_head = value_head
         self.temperature = temperature
