@@ -294,40 +294,34 @@ def run_recipe(args, step: str):
     return run, recipe
 
 
-def cmd_ppo(args) -> int:
+def _cmd_rl(args, step, name: str, what: str) -> int:
+    """rlhf ppo / rlhf grpo: the same flow, each with its own step module and run subdirectory."""
     from rlhf import budget
-    from rlhf.ppo import step
 
-    run, recipe = run_recipe(args, "train with PPO")
+    run, recipe = run_recipe(args, what)
     if args.auto_fit:
-        recipe = budget.auto_fit(recipe, "ppo", args.gpu)
+        recipe = budget.auto_fit(recipe, name, args.gpu)
 
     def attempt(recipe, retry: bool) -> None:
-        resume = args.resume or (retry and any(run.ppo_checkpoints.glob("step-*")))
+        resume = args.resume or (retry and any(getattr(run, f"{name}_checkpoints").glob("step-*")))
         step.run(
             recipe, run, reward=args.reward, resume=resume, force=args.force or (retry and not resume), gpu=args.gpu
         )
 
-    _retry_on_oom("ppo", recipe, args, attempt)
+    _retry_on_oom(name, recipe, args, attempt)
     return 0
+
+
+def cmd_ppo(args) -> int:
+    from rlhf.ppo import step
+
+    return _cmd_rl(args, step, "ppo", "train with PPO")
 
 
 def cmd_grpo(args) -> int:
-    from rlhf import budget
     from rlhf.grpo import step
 
-    run, recipe = run_recipe(args, "train with GRPO")
-    if args.auto_fit:
-        recipe = budget.auto_fit(recipe, "grpo", args.gpu)
-
-    def attempt(recipe, retry: bool) -> None:
-        resume = args.resume or (retry and any(run.grpo_checkpoints.glob("step-*")))
-        step.run(
-            recipe, run, reward=args.reward, resume=resume, force=args.force or (retry and not resume), gpu=args.gpu
-        )
-
-    _retry_on_oom("grpo", recipe, args, attempt)
-    return 0
+    return _cmd_rl(args, step, "grpo", "train with GRPO")
 
 
 def cmd_reward(args) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from rlhf.reward_model.loss import pair_stats
 from rlhf.reward_model.model import base_fingerprint
 from rlhf.reward_model.trainer import RewardTrainer
 from rlhf.rl import checkpoint
+from rlhf.rl.step import train_interruptibly
 from rlhf.runs import Run, merged_run_recipe
 
 EVAL_KEYS = ("accuracy", "margin_mean", "chosen_mean", "rejected_mean", "loss")
@@ -120,20 +120,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
         atomic_write_json(before_path, before)
     print(f"reward: before: held-out accuracy {before['accuracy']:.3f}", file=sys.stderr)
 
-    def on_sigint(signum, frame):
-        trainer.stop_requested = True
-        print("\nreward: interrupted; saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        trainer.train()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if hasattr(trainer, "bar"):
-            trainer.bar.close()
-    if trainer.stop_requested:
-        raise KeyboardInterrupt
+    train_interruptibly(trainer, main=True)
 
     # Scores are defined up to a constant: shift the head so held-out answers score 0 on average. Then score > 0
     # reads "better than the typical answer" (a learned reward's `positive`), and PPO sees rewards around 0.

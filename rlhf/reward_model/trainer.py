@@ -38,6 +38,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class RewardTrainer:
+    name = "reward"  # in messages, as the RL trainers' names
+
     def __init__(self, recipe: Recipe, run: Run, out=None):
         self.recipe, self.run, self.cfg = recipe, run, recipe.reward_model
         self.out = out if out is not None else sys.stderr

@@ -173,9 +173,10 @@ def save_adapter(trainer: RLTrainer, card: str, extra: dict[str, dict[str, torch
     return out
 
 
-def train_interruptibly(trainer: RLTrainer, main: bool) -> None:
+def train_interruptibly(trainer, main: bool) -> None:
     """trainer.train(); the first Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt
-    (exit 130), so it never costs more than one step; a second one aborts at once."""
+    (exit 130), so it never costs more than one step; a second one aborts at once. Any trainer with `name`,
+    `stop_requested` and `train()` (the RL trainers, the reward model's)."""
 
     def on_sigint(signum, frame):
         trainer.stop_requested = True
