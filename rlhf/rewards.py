@@ -51,7 +51,7 @@ def available_rewards() -> list[str]:
 
 
 def load_spec(name_or_path: str) -> RewardSpec:
-    from rlhf.reward_model.files import reward_adapter_dir
+    from rlhf.rl.reward_files import reward_adapter_dir
 
     adapter = reward_adapter_dir(name_or_path)
     if adapter is not None:  # a reward model learned by `rlhf reward`: it scores on the policy's own base

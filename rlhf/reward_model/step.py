@@ -24,11 +24,11 @@ from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
-from rlhf.reward_model.files import INFO, SCORE_HEAD
 from rlhf.reward_model.loss import pair_stats
-from rlhf.reward_model.model import base_fingerprint
 from rlhf.reward_model.trainer import RewardTrainer
 from rlhf.rl import checkpoint
+from rlhf.rl.reward import base_fingerprint
+from rlhf.rl.reward_files import INFO, SCORE_HEAD
 from rlhf.rl.step import train_interruptibly
 from rlhf.runs import Run, merged_run_recipe
 
