@@ -20,8 +20,9 @@ from rlhf.io import atomic_dir, atomic_write_json
 
 KEPT = 2
 
-# Settings that cannot change the trajectory of a run: a resume may change them freely.
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "sample_every", "eval_prompts", "nonfinite_patience", "compile"}
+# Settings that cannot change the trajectory of a run: a resume may change them freely. Not `compile`: compiled and
+# eager scoring differ by ~1e-4 in the log-probs, so a resume that switched would not continue the same run.
+RESUMABLE_CHANGES = {"max_steps", "save_steps", "sample_every", "eval_prompts", "nonfinite_patience"}
 
 
 def step_of(path: Path) -> int:
