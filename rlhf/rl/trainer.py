@@ -294,7 +294,7 @@ class RLTrainer(ABC):
         from peft import set_peft_model_state_dict
 
         if self.parallel.is_main:
-            checkpoint.remove_partial(self.checkpoints, list(self.directory.glob(".adapter.*")))
+            checkpoint.remove_partial(self.checkpoints, self.directory / "adapter")
         self.parallel.barrier()
         names = ("adapter", *self.extra_tensors())
         tensors, optimizer, state = checkpoint.load_newest(
