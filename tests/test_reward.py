@@ -270,6 +270,10 @@ def test_ppo_runs_on_the_learned_reward_with_a_judge(reward_run, copy_run):
     row = read_jsonl(run / "ppo/metrics.jsonl")[0]
     assert math.isfinite(row["reward_mean"]) and row["reward_std"] > 0
     assert "judge: quickstart-sentiment" in (run / "recipe.yaml").read_text()
+    # The policy's adapter directory holds the policy's adapter alone, not the reward's beside it.
+    assert sorted(p.name for p in (run / "ppo/adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "value_head.safetensors",
+    ]  # fmt: skip
 
 
 def length_score(texts: list[str]) -> list[float]:
