@@ -95,7 +95,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     if resume:
         check_resume_settings(trainer, trainer.load_checkpoint(), force)
     # Only now, with the data, model and checkpoint known to work, does the run directory change.
-    run.write_recipe(recipe)
+    run.write_recipe(recipe, "reward")
     if not resume:
         shutil.rmtree(run.reward_checkpoints, ignore_errors=True)
         for name in ("metrics.jsonl", "eval.json", "eval_before.json"):

@@ -114,7 +114,7 @@ def execute(
         check_resume_settings(trainer, state, force)
     # Only now, with the model, reward, data and checkpoint known to work, does the run directory change.
     if main:
-        run.write_recipe(recipe)
+        run.write_recipe(recipe, step)
         if force and not resume and not restart:
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
             for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "eval_before.json"):
