@@ -271,6 +271,13 @@ class GrpoConfig(RLConfig):
                 f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
+        if self.kl_in == "reward" and self.advantage == "grpo" and self.beta > 0:
+            # GRPO's advantage divides by the group's score spread, the KL penalty included: beta would weigh the KL
+            # differently in every group (trl offers the KL in the reward for RLOO only).
+            problems.append(
+                "kl_in=reward with advantage=grpo divides beta x KL by each group's score spread, so beta loses its "
+                "meaning; use advantage=rloo with kl_in=reward, or kl_in=loss with advantage=grpo"
+            )
         problems += self.common_problems()
         if problems:
             raise ValueError("; ".join(problems))
