@@ -31,6 +31,10 @@ class ModelConfig(Section):
     )
     llm_int8_threshold: float = Field(6.0, ge=0.0)
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None,
+        description="for conversational data: chatml, a .jinja file, or the template text; wins over the tokenizer's",
+    )
 
 
 class LoraConfig(Section):
@@ -65,6 +69,11 @@ class DataConfig(Section):
     train_split: str = "train"
     eval_split: str = "test"
     text_column: str = "text"
+    format: Literal["auto", "text", "prompt-completion", "messages"] = Field(
+        "auto",
+        description="SFT rows: auto picks prompt+completion, then messages, then text_column; the loss counts only the "
+        "completion / assistant tokens of the first two",
+    )
     min_chars: int = Field(0, ge=0, description="drop documents shorter than this many characters")
     max_documents: int | None = Field(None, ge=1, description="use only the first N documents (after filtering)")
 
@@ -261,6 +270,13 @@ class GrpoConfig(RLConfig):
             problems.append(
                 f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        if self.kl_in == "reward" and self.advantage == "grpo" and self.beta > 0:
+            # GRPO's advantage divides by the group's score spread, the KL penalty included: beta would weigh the KL
+            # differently in every group (trl offers the KL in the reward for RLOO only).
+            problems.append(
+                "kl_in=reward with advantage=grpo divides beta x KL by each group's score spread, so beta loses its "
+                "meaning; use advantage=rloo with kl_in=reward, or kl_in=loss with advantage=grpo"
             )
         problems += self.common_problems()
         if problems:

@@ -251,17 +251,25 @@ def test_resume_refuses_changed_settings(merged_run, copy_run, capsys):
     capsys.readouterr()
     before = sorted(p.name for p in (run / "ppo").rglob("*"))
     assert (
-        cli(*args, "ppo.max_steps=2", "--resume", "ppo.learning_rate=0.0005", "ppo.generation.max_new_tokens=12") == 2
-    )
+        cli(*args, "ppo.max_steps=2", "--resume", "ppo.learning_rate=0.0005", "ppo.generation.max_new_tokens=12",
+            "ppo.compile=true") == 2
+    )  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume would change" in err[0]
     assert "ppo.learning_rate: 0.001 -> 0.0005" in err[0] and "ppo.generation.max_new_tokens: 16 -> 12" in err[0]
+    assert "ppo.compile: False -> True" in err[0], "compiled and eager log-probs differ: not a free change"
     assert "--force" in err[0]
     assert sorted(p.name for p in (run / "ppo").rglob("*")) == before, "nothing written"
     # Settings that cannot change the rollout may change; --force accepts the others.
     assert cli(*args, "ppo.max_steps=2", "--resume", "ppo.sample_every=7") == 0
     assert cli(*args, "ppo.max_steps=3", "--resume", "--force", "ppo.learning_rate=0.0005") == 0
     assert [r["step"] for r in read_jsonl(run / "ppo/metrics.jsonl")] == [1, 2, 3]
+    # The forced rate is the one step 3 trained with, not the checkpoint's (optimizer.load_state_dict restores that).
+    optimizer = torch.load(run / "ppo/checkpoints/step-3/optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in optimizer["param_groups"]] == [0.0005]
+    assert (
+        json.loads((run / "ppo/checkpoints/step-3/state.json").read_text())["settings"]["ppo"]["learning_rate"] == 5e-4
+    )
 
 
 # --- artifacts --------------------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ class RLTrainer(ABC):
         from peft import set_peft_model_state_dict
 
         if self.parallel.is_main:
-            checkpoint.remove_partial(self.checkpoints, list(self.directory.glob(".adapter.*")))
+            checkpoint.remove_partial(self.checkpoints, self.directory / "adapter")
         self.parallel.barrier()
         names = ("adapter", *self.extra_tensors())
         tensors, optimizer, state = checkpoint.load_newest(
@@ -304,6 +304,8 @@ class RLTrainer(ABC):
         device = modeling.device()
         set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in tensors["adapter"].items()})
         self.optimizer.load_state_dict(optimizer)
+        for group in self.optimizer.param_groups:  # load_state_dict restores the saved rate; `--force` may change it
+            group["lr"] = self.cfg.learning_rate
         self.load_extra(tensors, state)
         self.nonfinite_total = state.get("nonfinite_total", 0)
         if state.get("first_distinct_2") is not None:  # the diversity guard's baseline stays that of step 1
