@@ -94,7 +94,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     if resume:
         check_resume_settings(trainer, trainer.load_checkpoint(), force)
     # Only now, with the data, model and checkpoint known to work, does the run directory change.
-    run.write_recipe(recipe)
+    run.write_recipe(recipe, "dpo")
     if not resume:
         shutil.rmtree(run.dpo_checkpoints, ignore_errors=True)
         for name in ("metrics.jsonl", "eval.json", "eval_before.json"):
