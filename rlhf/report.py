@@ -342,8 +342,8 @@ PERPLEXITY_FLAG = 2.0
 
 
 def _perplexity_warnings(ev: dict, step: str) -> list[str]:
-    label, out = POLICY_STEPS[step], []
-    knob = "ppo.init_kl_coef / ppo.target_kl" if step == "ppo" else "grpo.beta"
+    label, out = LABELS[step], []
+    knob = {"ppo": "ppo.init_kl_coef / ppo.target_kl", "grpo": "grpo.beta", "dpo": "a larger dpo.beta"}[step]
     for key, what in (
         ("response_perplexity", "the reference model's perplexity of the responses"),
         ("perplexity", "the perplexity on held-out text"),

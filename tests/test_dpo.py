@@ -250,8 +250,7 @@ def test_killed_and_resumed_equals_uninterrupted(merged_run, copy_run, tmp_path)
     [
         ([{"prompt": "It was", "preferred": " great", "rejected": " bad"}], "no column 'chosen'"),
         ([{"chosen": "It was great", "rejected": "It was bad"}, {"chosen": "It was fine", "rejected": ""}], "empty"),
-        ([{"prompt": "It was", "chosen": " great", "rejected": " bad"},
-          {"prompt": "It was", "chosen": " fine", "rejected": " fine"}], "same chosen and rejected"),
+        ([{"prompt": "It was", "chosen": " fine", "rejected": " fine"}], "same chosen and rejected"),
     ],
     ids=["missing-chosen-column", "empty-side", "identical-sides"],
 )  # fmt: skip

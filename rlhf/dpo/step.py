@@ -102,6 +102,9 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     else:
         trim_jsonl(trainer.log.metrics_path, trainer.step)
         print(f"dpo: resumed at step {trainer.step}", file=sys.stderr)
+    print(f"dpo: {trainer.preferences.summary()}", file=sys.stderr)
+    for warning in trainer.preferences.warnings:
+        print(f"dpo: warning: {warning}", file=sys.stderr)
     trainable, total = modeling.count_parameters(trainer.model)
     print(
         f"dpo: LoRA r={cfg.lora.rank} on {recipe.model.quantization} merged model (reference: the adapter disabled): "

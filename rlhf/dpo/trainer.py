@@ -24,7 +24,7 @@ from torch import Tensor
 from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.data import load_texts
-from rlhf.dpo.data import PreferencePairs, load_preferences
+from rlhf.dpo.data import PreferencePairs, load_pairs
 from rlhf.dpo.loss import dpo_losses, kl_proxy, reward_stats
 from rlhf.errors import UserError
 from rlhf.reward_model.trainer import NonFiniteLoss
@@ -50,7 +50,7 @@ class DpoTrainer:
         merged = self.run.merged
         self.tokenizer = modeling.load_tokenizer(merged, self.recipe.model.trust_remote_code)
         # The data first: a bad pair fails in seconds, before the model loads.
-        self.train_pairs, self.eval_pairs = load_preferences(cfg, self.tokenizer)
+        self.train_pairs, self.eval_pairs, self.preferences = load_pairs(cfg, self.tokenizer)
         if not len(self.eval_pairs):
             raise UserError(
                 f"no held-out pair fits dpo.max_length={cfg.max_length} tokens a side; raise it, or check the split "
@@ -275,7 +275,7 @@ class DpoTrainer:
     def load_checkpoint(self) -> dict:
         from peft import set_peft_model_state_dict
 
-        checkpoint.remove_partial(self.run.dpo_checkpoints, list(self.run.dpo_dir.glob(".adapter.*")))
+        checkpoint.remove_partial(self.run.dpo_checkpoints, self.run.dpo_adapter)
         tensors, optimizer, state = checkpoint.load_newest(
             self.run.dpo_checkpoints, ("adapter",), lambda m: print(f"dpo: warning: {m}", file=self.out)
         )
