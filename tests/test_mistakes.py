@@ -103,3 +103,8 @@ def test_sft_shows_one_bar_and_only_rlhfs_lines(tmp_path, capsys, fixture_paths)
     bar = lines[-1]
     assert "6/6" in bar and "loss=" in bar and "tok/s=" in bar, bar
     assert any("sft: warning: SFT loss" in line and "above ln(vocabulary) = 7.62" in line for line in lines), lines
+
+    assert cli("merge", "--run", tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and all(line.startswith("merge: shard 1/1") for line in lines), lines  # a labelled bar, nothing else
