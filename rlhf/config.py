@@ -31,6 +31,10 @@ class ModelConfig(Section):
     )
     llm_int8_threshold: float = Field(6.0, ge=0.0)
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None,
+        description="for conversational data: chatml, a .jinja file, or the template text; wins over the tokenizer's",
+    )
 
 
 class LoraConfig(Section):
@@ -65,6 +69,11 @@ class DataConfig(Section):
     train_split: str = "train"
     eval_split: str = "test"
     text_column: str = "text"
+    format: Literal["auto", "text", "prompt-completion", "messages"] = Field(
+        "auto",
+        description="SFT rows: auto picks prompt+completion, then messages, then text_column; the loss counts only the "
+        "completion / assistant tokens of the first two",
+    )
     min_chars: int = Field(0, ge=0, description="drop documents shorter than this many characters")
     max_documents: int | None = Field(None, ge=1, description="use only the first N documents (after filtering)")
 
@@ -284,6 +293,9 @@ class RewardConfig(Section):
         description="a reward spec whose classifier decides `positive` (the positive rate) while the score comes "
         "from `name`: an independent judge for a learned reward",
     )
+    device: Literal["auto", "cpu", "cuda"] | None = Field(
+        None, description="where a classifier reward (and judge) runs; overrides the spec's device (cpu frees the GPU)"
+    )
 
 
 class RewardModelConfig(Section):
@@ -385,6 +397,25 @@ def _model_for(path: tuple[str, ...], root: type[BaseModel] | None = None) -> ty
     return model
 
 
+def _did_you_mean(section: tuple[str, ...], name: str, model: type[BaseModel] | None, root) -> str:
+    """' (did you mean sft.max_steps?)': the same key in a section, for a key given without one (max_steps=5), or a
+    close spelling in its own section (lora.rnak)."""
+    import difflib
+
+    if not section and (root or Recipe) is Recipe:
+        owners = [
+            f"{field}.{name}"
+            for field, info in Recipe.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+            and name in info.annotation.model_fields
+        ]  # fmt: skip
+        if owners:
+            listed = ", ".join(owners[:-1]) + f" or {owners[-1]}" if len(owners) > 1 else owners[0]
+            return f" (did you mean {listed}?)"
+    close = difflib.get_close_matches(name, list(model.model_fields) if model else [], n=1)
+    return f" (did you mean '{'.'.join((*section, close[0]))}'?)" if close else ""
+
+
 def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
     """One validation error as a sentence; `root` is the model validated (default: the Recipe)."""
     loc = tuple(str(p) for p in error["loc"])
@@ -395,7 +426,8 @@ def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str
         model = _model_for(section, root)
         valid = ", ".join(model.model_fields) if model else "?"
         where = f"section '{'.'.join(section)}'" if section else "the top level"
-        return f"unknown key '{key}'; valid keys in {where}: {valid}"
+        hint = _did_you_mean(section, loc[-1], model, root)
+        return f"unknown key '{key}'{hint}; valid keys in {where}: {valid}"
     if kind == "value_error":
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return f"'{key}': {message}" if key else message

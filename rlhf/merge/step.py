@@ -329,9 +329,10 @@ def _stream(entries, plan: MergePlan, reference: PeftReference, writer: ShardWri
     """Read each base tensor, merge or cast it, check it, write it; returns the largest weight difference."""
     max_diff = 0.0
     files = group_by_file(entries)
-    with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress) as bar:
+    desc = f"merge: shard 1/{len(files)}"  # labelled from its first draw, not only after the first shard opens
+    with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress, desc=desc) as bar:
         for number, (path, group) in enumerate(files.items(), 1):
-            bar.set_description(f"shard {number}/{len(files)}")
+            bar.set_description(f"merge: shard {number}/{len(files)}")
             with open(path, "rb", buffering=0) as f:
                 for entry in group:
                     tensor = plan.replacements.get(entry.name)

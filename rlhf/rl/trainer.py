@@ -90,9 +90,9 @@ class RLTrainer(ABC):
         if reward_adapter is not None:  # a learned reward: its adapter on the policy's own weights, no second model
             self.reward = SharedBaseReward(self.model, reward_adapter, self.tokenizer, self.cfg.rollout_batch_size)
         else:
-            self.reward = load_reward(self.reward_name)
+            self.reward = load_reward(self.reward_name, self.recipe.reward.device)
         if judge:  # `positive` (the positive rate) from an independent classifier, the score from the reward
-            self.reward = Judged(self.reward, load_reward(judge))
+            self.reward = Judged(self.reward, load_reward(judge, self.recipe.reward.device))
         self._setup_data()
         self._setup_optimizer()
 
@@ -111,10 +111,11 @@ class RLTrainer(ABC):
 
     def _setup_data(self) -> None:
         data, cfg = self.recipe.data, self.cfg
-        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars)
+        setting = f"{self.name}.prompt_min_chars"
+        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars, setting=setting)
         self.held_out_of_train = 0
         try:
-            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars)
+            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars, setting=setting)
         except UserError:  # no eval split: the tail of train, which training then never draws from
             train, held_out = hold_out(train, cfg.eval_prompts, data, self.name)
             self.held_out_of_train = len(held_out)
