@@ -274,6 +274,12 @@ def test_ppo_logit_chunks_by_hand(small_dir):
         wide = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update=update)})
         logits = budget.estimate(wide, "ppo", 24 * GiB, CPU_REWARD).moments["update (backward)"]["logits"]
         assert logits == 2 * 64 * (response + 1) * V * 2 + chunks * 4 * 512 * V
+    # An entropy bonus: its forward's four fp32 chunks, its own gradient of the logits beside the log-probs' until
+    # autograd adds them, three fp32 chunks in its backward.
+    bonus = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update={"entropy_coef": 0.01})})
+    moments = budget.estimate(bonus, "ppo", 24 * GiB, CPU_REWARD).moments
+    assert moments["update (loss)"]["logits"] == 1 * kept * V * 2 + 4 * 4 * 8 * V
+    assert moments["update (backward)"]["logits"] == 3 * 1 * kept * V * 2 + 3 * 4 * 8 * V
 
 
 def test_reward_model_on_the_gpu_counts_its_weights(small_dir):
