@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", default="linear", choices=["linear", "cat", "ties", "dare_ties"], help="how to combine adapters"
     )
+    p.add_argument(
+        "--base-weights",
+        choices=["original", "dequantized"],
+        help="merge into the original weights, or (after a 4-bit sft) into the NF4-dequantized ones the adapter was "
+        "trained on (default: the recipe's merge.base_weights)",
+    )
     p.add_argument("--force", action="store_true", help="merge again although merged/ exists; ignore the RAM check")
 
     p = sub.add_parser("ppo", help="step 3: PPO on the merged model with a reward model", epilog=EPILOG_OVERRIDES)
@@ -274,7 +280,13 @@ def cmd_merge(args) -> int:
     if args.weights and not args.adapters:
         raise UserError("--weights goes with --adapters A B ...: one weight per adapter")
     result = merge.run(
-        args.run, dtype=args.dtype, force=args.force, adapters=args.adapters, weights=args.weights, method=args.method
+        args.run,
+        dtype=args.dtype,
+        force=args.force,
+        adapters=args.adapters,
+        weights=args.weights,
+        method=args.method,
+        base_weights=args.base_weights,
     )
     return 0 if result is not None else 1
 
