@@ -62,6 +62,8 @@ PUBLISHED_PARAMETERS = {
     "Qwen/Qwen2.5-14B": 14_770_033_664,
     "mistralai/Mistral-7B-v0.3": 7_248_023_552,
     "google/gemma-2-9b": 9_241_705_984,
+    "google/gemma-2-27b": 27_227_128_320,
+    "Qwen/Qwen2.5-32B": 32_763_876_352,
     "microsoft/phi-4": 14_659_507_200,
 }
 
