@@ -164,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gpu(p)
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of the table")
-    p.add_argument("--list", action="store_true", help="list the models whose shapes ship with rlhf (no hub needed)")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the models whose shapes ship with rlhf (no hub needed); with --gpu, which of them fit that card "
+        "for --step and at which settings",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
     p = sub.add_parser("preview", help="show the first training examples exactly as the model will see them")
@@ -439,6 +444,10 @@ def _halved(step: str, recipe):
 def cmd_budget(args) -> int:
     from rlhf import budget
 
+    if args.list and args.gpu:  # which shipped models fit that card, and with which settings
+        from rlhf.budget import catalog
+
+        return catalog.main(args.gpu, args.step, args.json)
     if args.list:
         from rlhf.budget.shapes import shipped_models
 
