@@ -384,6 +384,7 @@ def run_rl(args, model_dir: Path, meter: Meter) -> dict:
 
     from rlhf.grpo.core import grpo_loss
     from rlhf.ppo import core
+    from rlhf.rl.core import policy_loss
     from rlhf.rl.policy import Policy, ValueHead
 
     grpo = args.step == "grpo"
@@ -435,7 +436,7 @@ def run_rl(args, model_dir: Path, meter: Meter) -> dict:
                             out.logprobs, old.logprobs[idx], ref.logprobs[idx], advantages[idx], rm[idx], 0.2, 0.04
                         )
                     else:
-                        pg, _ = core.policy_loss(out.logprobs, old.logprobs[idx], advantages[idx], rm[idx], 0.2)
+                        pg, _ = policy_loss(out.logprobs, old.logprobs[idx], advantages[idx], rm[idx], 0.2)
                         vf, _ = core.value_loss(out.values, old.values[idx], returns[idx], rm[idx], 0.2)
                         loss = pg + 0.1 * vf
                     loss.backward()

@@ -154,11 +154,19 @@ def test_all_problems_reported_at_once():
         ),  # fmt: skip
         (["grpo.mini_batch_size=128"], "mini_batch_size (128) must be <= batch_size x group_size (8 x 8 = 64"),
         (["grpo.lora.dropout=0.1"], "lora.dropout (0.1) must be 0"),
+        (["grpo.kl_in=reward"], "kl_in=reward with advantage=grpo divides beta x KL by each group's score spread"),
     ],
 )
 def test_cross_field_checks_show_both_values(overrides, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_recipe("quickstart", overrides)
+
+
+def test_kl_in_the_reward_goes_with_rloo():
+    """GRPO's advantage would divide beta x KL by each group's spread; RLOO's subtracts a mean (beta keeps its
+    meaning), and without a KL (beta 0) there is nothing to rescale."""
+    assert load_recipe("quickstart", ["grpo.kl_in=reward", "grpo.advantage=rloo"]).grpo.kl_in == "reward"
+    assert load_recipe("quickstart", ["grpo.kl_in=reward", "grpo.beta=0"]).grpo.beta == 0
 
 
 def test_unknown_recipe_lists_available():

@@ -6,7 +6,9 @@ computed in fp32. Rewards and advantages are "higher is better"; losses are mini
 
 GRPO (Shao et al. 2024, DeepSeekMath): A = (s - mean(group)) / (std(group) + eps), the KL to the reference as a k3
 term per token in the loss. RLOO (Ahmadian et al. 2024): A = s - mean(the other samples of the group), the KL (k1,
-summed over the sequence) subtracted from the score. Both estimators work with both placements of the KL here.
+summed over the sequence) subtracted from the score. The KL in the reward goes with RLOO only (the config refuses it
+with GRPO's advantage, whose division by the group's spread would rescale beta per group); the KL in the loss with
+either.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf.ppo.core import exact_div, kl_estimate, masked_mean, policy_loss
+from rlhf.rl.core import exact_div, kl_estimate, masked_mean, policy_loss
 
 ADVANTAGES = ("grpo", "rloo")
 

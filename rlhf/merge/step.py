@@ -43,13 +43,10 @@ from rlhf.merge.card import model_card
 from rlhf.merge.combine import METHODS, combine_adapters
 from rlhf.merge.io import (
     ShardWriter,
-    TensorEntry,
-    checkpoint_entries,
     group_by_file,
     max_shard_bytes,
     output_dtype,
     plan_shards,
-    read_tensor,
     tensor_bytes,
     write_model_files,
 )
@@ -58,6 +55,7 @@ from rlhf.merge.ram import check_fits, predict_peak_ram
 from rlhf.merge.verify import MergeCheckFailed, PeftReference, check_rounding, probe_logits
 from rlhf.resolve import resolve_model
 from rlhf.runs import Run, existing_run
+from rlhf.tensorfiles import TensorEntry, checkpoint_entries, read_tensor
 from rlhf.units import format_bytes
 
 OUTPUT_DTYPES = ("float16", "bfloat16")  # what merge writes (merge.dtype)
@@ -380,9 +378,10 @@ def _stream(
     largest weight difference."""
     max_diff = 0.0
     files = group_by_file(entries)
-    with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress) as bar:
+    desc = f"merge: shard 1/{len(files)}"  # labelled from its first draw, not only after the first shard opens
+    with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress, desc=desc) as bar:
         for number, (path, group) in enumerate(files.items(), 1):
-            bar.set_description(f"shard {number}/{len(files)}")
+            bar.set_description(f"merge: shard {number}/{len(files)}")
             with open(path, "rb", buffering=0) as f:
                 for entry in group:
                     tensor = plan.replacements.get(entry.name)

@@ -32,6 +32,8 @@ from rlhf.rl.parallel import Parallel
 from rlhf.rl.trainer import RLTrainer
 from rlhf.runs import Run, merged_run_recipe
 
+POLICY_ADAPTER = "default"  # the name `modeling.add_lora` gives the policy's adapter
+
 
 @dataclass
 class StepResult:
@@ -112,7 +114,7 @@ def execute(
         check_resume_settings(trainer, state, force)
     # Only now, with the model, reward, data and checkpoint known to work, does the run directory change.
     if main:
-        run.write_recipe(recipe)
+        run.write_recipe(recipe, step)
         if force and not resume and not restart:
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
             for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "eval_before.json"):
@@ -167,7 +169,8 @@ def save_adapter(trainer: RLTrainer, card: str, extra: dict[str, dict[str, torch
     from anywhere), each `extra` entry as NAME.safetensors, and `card` as README.md."""
     out = trainer.directory / "adapter"
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        # The policy's adapter only: a learned reward's adapter, loaded into the same PEFT model, is not the policy's.
+        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[POLICY_ADAPTER])
         for name, tensors in extra.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         atomic_write_text(tmp / "README.md", card)

@@ -18,15 +18,15 @@ from rlhf.config import Recipe
 from rlhf.data import load_texts
 from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
-from rlhf.ppo.core import masked_mean
-from rlhf.reward_model.files import reward_adapter_dir
-from rlhf.reward_model.model import SharedBaseReward, check_same_base
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
+from rlhf.rl.core import masked_mean
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
 from rlhf.rl.prompts import Prompts
+from rlhf.rl.reward import SharedBaseReward, check_same_base
+from rlhf.rl.reward_files import reward_adapter_dir
 from rlhf.rl.telemetry import Log, Timer, peak_memory_bytes, progress
 from rlhf.runs import Run
 
@@ -89,9 +89,9 @@ class RLTrainer(ABC):
         if reward_adapter is not None:  # a learned reward: its adapter on the policy's own weights, no second model
             self.reward = SharedBaseReward(self.model, reward_adapter, self.tokenizer, self.cfg.rollout_batch_size)
         else:
-            self.reward = load_reward(self.reward_name)
+            self.reward = load_reward(self.reward_name, self.recipe.reward.device)
         if judge:  # `positive` (the positive rate) from an independent classifier, the score from the reward
-            self.reward = Judged(self.reward, load_reward(judge))
+            self.reward = Judged(self.reward, load_reward(judge, self.recipe.reward.device))
         self._setup_data()
         self._setup_optimizer()
 
@@ -110,10 +110,11 @@ class RLTrainer(ABC):
 
     def _setup_data(self) -> None:
         data, cfg = self.recipe.data, self.cfg
-        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars)
+        setting = f"{self.name}.prompt_min_chars"
+        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars, setting=setting)
         self.held_out_of_train = 0
         try:
-            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars)
+            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars, setting=setting)
         except UserError:  # no eval split: the tail of train, which training then never draws from
             train, held_out = hold_out(train, cfg.eval_prompts, data, self.name)
             self.held_out_of_train = len(held_out)
@@ -294,7 +295,7 @@ class RLTrainer(ABC):
         from peft import set_peft_model_state_dict
 
         if self.parallel.is_main:
-            checkpoint.remove_partial(self.checkpoints, list(self.directory.glob(".adapter.*")))
+            checkpoint.remove_partial(self.checkpoints, self.directory / "adapter")
         self.parallel.barrier()
         names = ("adapter", *self.extra_tensors())
         tensors, optimizer, state = checkpoint.load_newest(
@@ -303,6 +304,8 @@ class RLTrainer(ABC):
         device = modeling.device()
         set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in tensors["adapter"].items()})
         self.optimizer.load_state_dict(optimizer)
+        for group in self.optimizer.param_groups:  # load_state_dict restores the saved rate; `--force` may change it
+            group["lr"] = self.cfg.learning_rate
         self.load_extra(tensors, state)
         self.nonfinite_total = state.get("nonfinite_total", 0)
         if state.get("first_distinct_2") is not None:  # the diversity guard's baseline stays that of step 1
