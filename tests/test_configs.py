@@ -9,7 +9,7 @@ from rlhf.config import PACKAGE_DIR, available_recipes, load_recipe, recipes_dir
 from rlhf.errors import UserError
 from rlhf.rewards import load_spec
 
-EXPECTED_RECIPES = {"gpt-neox-20b", "llama-3.1-8b", "qwen2.5-14b", "quickstart", "memorize"}
+EXPECTED_RECIPES = {"gpt-neox-20b", "llama-3.1-8b", "qwen2.5-14b", "qwen2.5-32b", "quickstart", "memorize"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_RECIPES))
@@ -30,6 +30,16 @@ def test_24gb_recipes_fit_24gib(name, step):
     from rlhf.budget import estimate, gpu_bytes
 
     assert estimate(load_recipe(name), step, gpu_bytes("24GiB")).fits
+
+
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo"])
+def test_32b_recipe_fits_an_rtx4090_on_nf4(step):
+    """The largest shipped model that RL-tunes on 24 GB: every training step of its recipe fits an RTX 4090."""
+    from rlhf.budget import estimate, gpu_bytes
+
+    recipe = load_recipe("qwen2.5-32b")
+    assert recipe.model.quantization == "4bit" and recipe.merge.base_weights == "dequantized"
+    assert estimate(recipe, step, gpu_bytes("rtx4090")).fits
 
 
 def test_readme_fit_table_is_current():
