@@ -263,9 +263,17 @@ def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
     out = DTYPE_BYTES[recipe.merge.dtype]
     cast = shape.checkpoint_dtype != recipe.merge.dtype
     targets = lora_targets(shape, recipe.lora)
+    rounded = recipe.merge.base_weights == "dequantized"  # every quantized linear goes through NF4 and back
     largest = max(
         (
-            working_set_bytes(lin.in_features * lin.out_features, src, out, merged=lin.name in targets, cast=cast)
+            working_set_bytes(
+                lin.in_features * lin.out_features,
+                src,
+                out,
+                merged=lin.name in targets,
+                cast=cast,
+                rounded=rounded and lin.quantized,
+            )
             for lin in shape.linears
         ),
         default=0,
@@ -276,5 +284,6 @@ def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
     disk = out * shape.params  # non-persistent buffers (rotary frequencies) are not saved
     settings = (
         f"streamed on the CPU, one tensor at a time, to {recipe.merge.dtype} shards of {recipe.merge.max_shard_size}"
+        + ("; into the NF4-dequantized weights" if rounded else "")
     )
     return parts, disk, settings
