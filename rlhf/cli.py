@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", default="linear", choices=["linear", "cat", "ties", "dare_ties"], help="how to combine adapters"
     )
+    p.add_argument(
+        "--base-weights",
+        choices=["original", "dequantized"],
+        help="merge into the original weights, or (after a 4-bit sft) into the NF4-dequantized ones the adapter was "
+        "trained on (default: the recipe's merge.base_weights)",
+    )
     p.add_argument("--force", action="store_true", help="merge again although merged/ exists; ignore the RAM check")
 
     p = sub.add_parser("ppo", help="step 3: PPO on the merged model with a reward model", epilog=EPILOG_OVERRIDES)
@@ -168,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gpu(p)
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of the table")
-    p.add_argument("--list", action="store_true", help="list the models whose shapes ship with rlhf (no hub needed)")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the models whose shapes ship with rlhf (no hub needed); with --gpu, which of them fit that card "
+        "for --step and at which settings",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
     p = sub.add_parser("preview", help="show the first training examples exactly as the model will see them")
@@ -301,7 +312,13 @@ def cmd_merge(args) -> int:
     if args.weights and not args.adapters:
         raise UserError("--weights goes with --adapters A B ...: one weight per adapter")
     result = merge.run(
-        args.run, dtype=args.dtype, force=args.force, adapters=args.adapters, weights=args.weights, method=args.method
+        args.run,
+        dtype=args.dtype,
+        force=args.force,
+        adapters=args.adapters,
+        weights=args.weights,
+        method=args.method,
+        base_weights=args.base_weights,
     )
     return 0 if result is not None else 1
 
@@ -455,6 +472,10 @@ def _halved(step: str, recipe):
 def cmd_budget(args) -> int:
     from rlhf import budget
 
+    if args.list and args.gpu:  # which shipped models fit that card, and with which settings
+        from rlhf.budget import catalog
+
+        return catalog.main(args.gpu, args.step, args.json)
     if args.list:
         from rlhf.budget.shapes import shipped_models
 
