@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", default="linear", choices=["linear", "cat", "ties", "dare_ties"], help="how to combine adapters"
     )
+    p.add_argument(
+        "--base-weights",
+        choices=["original", "dequantized"],
+        help="merge into the original weights, or (after a 4-bit sft) into the NF4-dequantized ones the adapter was "
+        "trained on (default: the recipe's merge.base_weights)",
+    )
     p.add_argument("--force", action="store_true", help="merge again although merged/ exists; ignore the RAM check")
 
     p = sub.add_parser("ppo", help="step 3: PPO on the merged model with a reward model", epilog=EPILOG_OVERRIDES)
@@ -186,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gpu(p)
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of the table")
-    p.add_argument("--list", action="store_true", help="list the models whose shapes ship with rlhf (no hub needed)")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the models whose shapes ship with rlhf (no hub needed); with --gpu, which of them fit that card "
+        "for --step and at which settings",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
     p = sub.add_parser("preview", help="show the first training examples exactly as the model will see them")
@@ -322,21 +333,28 @@ def cmd_merge(args) -> int:
     if args.weights and not args.adapters:
         raise UserError("--weights goes with --adapters A B ...: one weight per adapter")
     result = merge.run(
-        args.run, dtype=args.dtype, force=args.force, adapters=args.adapters, weights=args.weights, method=args.method
+        args.run,
+        dtype=args.dtype,
+        force=args.force,
+        adapters=args.adapters,
+        weights=args.weights,
+        method=args.method,
+        base_weights=args.base_weights,
     )
     return 0 if result is not None else 1
 
 
-def run_recipe(args, step: str):
-    """The run a step after merge works on and its recipe: --recipe, or the run's own, with the overrides applied."""
+def run_recipe(args, what: str, step: str | None = None):
+    """The run a step after merge works on and its recipe: --recipe, or the run's own (that step's, when it has run
+    before: RUN/recipe.yaml holds the last step's reward), with the overrides applied."""
     from rlhf.config import apply_overrides, resolve_path, validate
     from rlhf.runs import existing_run
 
-    run = existing_run(args.run, step)
+    run = existing_run(args.run, what)
     if args.recipe:
         recipe = resolve_recipe(args)
     else:  # the run's own recipe, with any overrides applied to it
-        recipe = validate(apply_overrides(run.load_recipe().model_dump(mode="json"), list(args.overrides)))
+        recipe = validate(apply_overrides(run.load_recipe(step).model_dump(mode="json"), list(args.overrides)))
     if getattr(args, "reward", None):
         args.reward = resolve_path(args.reward, Path.cwd())  # stored absolute: the run works from any folder
         recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": args.reward})})
@@ -347,7 +365,7 @@ def _cmd_rl(args, step, name: str, what: str) -> int:
     """rlhf ppo / rlhf grpo: the same flow, each with its own step module and run subdirectory."""
     from rlhf import budget
 
-    run, recipe = run_recipe(args, what)
+    run, recipe = run_recipe(args, what, name)
     if args.auto_fit:
         recipe = budget.auto_fit(recipe, name, args.gpu)
 
@@ -378,7 +396,7 @@ def cmd_reward(args) -> int:
 
     if args.preference_dataset:
         args.overrides = [*args.overrides, f"reward_model.dataset={args.preference_dataset!r}"]
-    run, recipe = run_recipe(args, "train a reward model on")
+    run, recipe = run_recipe(args, "train a reward model on", "reward")
     step.run(recipe, run, resume=args.resume, force=args.force, gpu=args.gpu)
     return 0
 
@@ -494,6 +512,10 @@ def _halved(step: str, recipe):
 def cmd_budget(args) -> int:
     from rlhf import budget
 
+    if args.list and args.gpu:  # which shipped models fit that card, and with which settings
+        from rlhf.budget import catalog
+
+        return catalog.main(args.gpu, args.step, args.json)
     if args.list:
         from rlhf.budget.shapes import shipped_models
 

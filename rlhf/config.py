@@ -103,6 +103,12 @@ class MergeConfig(Section):
     dtype: Literal["float16", "bfloat16"] = "float16"
     max_shard_size: str = "2GB"
     tolerance: float = Field(5e-2, gt=0, description="max |merged - (base + adapter)| logit difference allowed")
+    # An adapter trained on an NF4 base learned against the dequantized weights; `dequantized` merges it into those
+    # (every layer bitsandbytes quantized, rounded through NF4 as the training load did), `original` into the
+    # checkpoint's own. Measured differences: docs/memory.md.
+    base_weights: Literal["original", "dequantized"] = Field(
+        "original", description="merge into the original weights, or (after 4-bit sft) into their NF4 dequantization"
+    )
 
 
 class GenerationConfig(Section):

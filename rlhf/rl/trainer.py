@@ -18,6 +18,7 @@ from rlhf.config import Recipe
 from rlhf.data import load_texts
 from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
+from rlhf.io import trim_jsonl
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
 from rlhf.rl.core import masked_mean
@@ -181,6 +182,11 @@ class RLTrainer(ABC):
 
     def train(self) -> None:
         cfg = self.cfg
+        if self.step == 0:  # what a roll-back before the first checkpoint goes back to (value head, controllers)
+            self.initial = (
+                {name: {k: v.detach().cpu().clone() for k, v in t.items()} for name, t in self.extra_tensors().items()},
+                self.extra_state(),
+            )
         bar = self.bar = progress(self.name, cfg.max_steps, self.step, self.parallel.is_main)
         while self.step < cfg.max_steps and not self.stop_requested:
             row = self.train_step()
@@ -228,11 +234,15 @@ class RLTrainer(ABC):
             print(f"{self.name}: stopped early: {self.early_stop}; going back to {where}", file=self.out)
         if kept:
             self.load_checkpoint()
-        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference
+        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference, and the rest as it was
             for name, p in self.model.named_parameters():
                 if "lora_B" in name:
                     p.data.zero_()
+            self.load_extra(*self.initial)
             self.step = 0
+        if self.parallel.is_main:  # the log describes the policy that is saved: the rolled-back steps' rows go
+            trim_jsonl(self.log.metrics_path, self.step)
+            trim_jsonl(self.log.samples_path, self.step)
 
     def nonfinite(self, what: str) -> None:
         """Count a skipped batch; stop (NonFiniteError) after `nonfinite_patience` in a row."""
