@@ -92,7 +92,7 @@ def load_preferences(cfg: Any, section: str, tokenizer=None) -> Preferences:
         held_out = rows[:eval_pairs]
         source = eval_split
         held_out_from = (
-            f"the first {len(held_out)} of split '{eval_split}' ({len(rows)} pairs; {section}.eval_pairs sets how many)"
+            f"the first {len(held_out)} of the {len(rows)} in split '{eval_split}'; {section}.eval_pairs sets how many"
         )
     else:  # no held-out split: the tail of train, which training then never sees
         if len(train) < 2:
