@@ -117,7 +117,8 @@ def test_held_out_pairs_are_counted_said_and_settable(tmp_path, tokenizer):
     _write(split / "train.jsonl", rows[:30])
     _write(split / "test.jsonl", rows[30:])
     prefs = load_preferences(SimpleNamespace(dataset=str(split), eval_pairs=4), "dpo", tokenizer)
-    assert (len(prefs.train), len(prefs.held_out)) == (30, 4) and "the first 4 of the 10 in split 'test'" in prefs.summary()
+    assert (len(prefs.train), len(prefs.held_out)) == (30, 4)
+    assert "the first 4 of the 10 in split 'test'" in prefs.summary()
 
 
 @pytest.mark.parametrize(
