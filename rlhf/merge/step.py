@@ -266,7 +266,7 @@ def merge_checkpoint(
 
         logits_diff = None
         if probe:
-            logits_diff = probe_logits(base_dir, adapter_dir, tmp, trust_remote_code)
+            logits_diff = probe_logits(base_dir, adapter_dir, tmp, trust_remote_code, target_dtype)
             print(f"logits: max |merged - (base + adapter)| = {logits_diff:.3g} (tolerance {tolerance:g})", flush=True)
             if not logits_diff <= tolerance:
                 raise MergeCheckFailed(
