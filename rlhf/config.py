@@ -31,6 +31,10 @@ class ModelConfig(Section):
     )
     llm_int8_threshold: float = Field(6.0, ge=0.0)
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None,
+        description="for conversational data: chatml, a .jinja file, or the template text; wins over the tokenizer's",
+    )
 
 
 class LoraConfig(Section):
@@ -65,6 +69,11 @@ class DataConfig(Section):
     train_split: str = "train"
     eval_split: str = "test"
     text_column: str = "text"
+    format: Literal["auto", "text", "prompt-completion", "messages"] = Field(
+        "auto",
+        description="SFT rows: auto picks prompt+completion, then messages, then text_column; the loss counts only the "
+        "completion / assistant tokens of the first two",
+    )
     min_chars: int = Field(0, ge=0, description="drop documents shorter than this many characters")
     max_documents: int | None = Field(None, ge=1, description="use only the first N documents (after filtering)")
 
@@ -94,6 +103,12 @@ class MergeConfig(Section):
     dtype: Literal["float16", "bfloat16"] = "float16"
     max_shard_size: str = "2GB"
     tolerance: float = Field(5e-2, gt=0, description="max |merged - (base + adapter)| logit difference allowed")
+    # An adapter trained on an NF4 base learned against the dequantized weights; `dequantized` merges it into those
+    # (every layer bitsandbytes quantized, rounded through NF4 as the training load did), `original` into the
+    # checkpoint's own. Measured differences: docs/memory.md.
+    base_weights: Literal["original", "dequantized"] = Field(
+        "original", description="merge into the original weights, or (after 4-bit sft) into their NF4 dequantization"
+    )
 
 
 class GenerationConfig(Section):
@@ -262,6 +277,13 @@ class GrpoConfig(RLConfig):
                 f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
+        if self.kl_in == "reward" and self.advantage == "grpo" and self.beta > 0:
+            # GRPO's advantage divides by the group's score spread, the KL penalty included: beta would weigh the KL
+            # differently in every group (trl offers the KL in the reward for RLOO only).
+            problems.append(
+                "kl_in=reward with advantage=grpo divides beta x KL by each group's score spread, so beta loses its "
+                "meaning; use advantage=rloo with kl_in=reward, or kl_in=loss with advantage=grpo"
+            )
         problems += self.common_problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -276,6 +298,9 @@ class RewardConfig(Section):
         None,
         description="a reward spec whose classifier decides `positive` (the positive rate) while the score comes "
         "from `name`: an independent judge for a learned reward",
+    )
+    device: Literal["auto", "cpu", "cuda"] | None = Field(
+        None, description="where a classifier reward (and judge) runs; overrides the spec's device (cpu frees the GPU)"
     )
 
 
@@ -378,6 +403,25 @@ def _model_for(path: tuple[str, ...], root: type[BaseModel] | None = None) -> ty
     return model
 
 
+def _did_you_mean(section: tuple[str, ...], name: str, model: type[BaseModel] | None, root) -> str:
+    """' (did you mean sft.max_steps?)': the same key in a section, for a key given without one (max_steps=5), or a
+    close spelling in its own section (lora.rnak)."""
+    import difflib
+
+    if not section and (root or Recipe) is Recipe:
+        owners = [
+            f"{field}.{name}"
+            for field, info in Recipe.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+            and name in info.annotation.model_fields
+        ]  # fmt: skip
+        if owners:
+            listed = ", ".join(owners[:-1]) + f" or {owners[-1]}" if len(owners) > 1 else owners[0]
+            return f" (did you mean {listed}?)"
+    close = difflib.get_close_matches(name, list(model.model_fields) if model else [], n=1)
+    return f" (did you mean '{'.'.join((*section, close[0]))}'?)" if close else ""
+
+
 def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
     """One validation error as a sentence; `root` is the model validated (default: the Recipe)."""
     loc = tuple(str(p) for p in error["loc"])
@@ -388,7 +432,8 @@ def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str
         model = _model_for(section, root)
         valid = ", ".join(model.model_fields) if model else "?"
         where = f"section '{'.'.join(section)}'" if section else "the top level"
-        return f"unknown key '{key}'; valid keys in {where}: {valid}"
+        hint = _did_you_mean(section, loc[-1], model, root)
+        return f"unknown key '{key}'{hint}; valid keys in {where}: {valid}"
     if kind == "value_error":
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return f"'{key}': {message}" if key else message
@@ -426,10 +471,48 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+# Recipe values that may name a local file or directory: read relative to the recipe file's folder (a command-line
+# override: the current directory), and stored absolute, so that a run does not depend on where it was started.
+PATH_KEYS = {("model", "name"), ("reward", "name"), ("reward", "judge")}
+
+
+def is_path_key(path: tuple[str, ...] | list[str]) -> bool:
+    path = tuple(path)
+    return path in PATH_KEYS or (len(path) == 2 and path[1] == "dataset")
+
+
+def resolve_path(value: Any, *bases: Path) -> Any:
+    """`value` as an absolute path when it names an existing file or directory relative to one of `bases` (first
+    match wins; ~ expanded); anything else (a hub id, fixture:NAME, a shipped name, a missing path) unchanged."""
+    if not isinstance(value, str) or not value or value.startswith("fixture:") or "\n" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path) if path.exists() else value
+    for base in bases:
+        candidate = base / path
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
+
+
+def resolve_paths(raw: dict[str, Any], *bases: Path) -> dict[str, Any]:
+    """Every path-valued key of a raw recipe (PATH_KEYS, any section's `dataset`) resolved by `resolve_path`."""
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if is_path_key((section, key)):
+                    values[key] = resolve_path(value, *bases)
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each dotted KEY=VALUE in the raw mapping; unknown keys are left for validation to report together."""
+    """Set each dotted KEY=VALUE in the raw mapping; unknown keys are left for validation to report together. A path
+    given on the command line is read from the current directory."""
     for item in overrides:
         path, value = parse_override(item)
+        if is_path_key(path):
+            value = resolve_path(value, Path.cwd())
         node = raw
         for depth, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -474,6 +557,8 @@ def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) ->
                 f"({', '.join(available_recipes())})"
             )
         raw = read_yaml(path)
+        if raw:
+            resolve_paths(raw, path.resolve().parent, Path.cwd())
         if not raw:
             raise UserError(
                 f"recipe file {path} is empty; set at least model: and data: (copy recipes/quickstart.yaml to start), "

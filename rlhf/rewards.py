@@ -9,14 +9,16 @@ name: lvwerra/distilbert-imdb's logits[:, 0] is NEGATIVE, and transformers 5 sil
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from rlhf.config import _describe, read_yaml, shipped_dir
+from rlhf.config import _describe, read_yaml, resolve_path, shipped_dir
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:  # torch loads with a reward model, not with a spec: `rlhf budget` reads specs only
@@ -37,6 +39,7 @@ class RewardSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_length: int = Field(512, ge=8)
     trust_remote_code: bool = False
+    _folder: str | None = PrivateAttr(None)  # the spec file's folder: its relative paths start there
 
 
 def reward_models_dir() -> Path:
@@ -48,7 +51,7 @@ def available_rewards() -> list[str]:
 
 
 def load_spec(name_or_path: str) -> RewardSpec:
-    from rlhf.reward_model.files import reward_adapter_dir
+    from rlhf.rl.reward_files import reward_adapter_dir
 
     adapter = reward_adapter_dir(name_or_path)
     if adapter is not None:  # a reward model learned by `rlhf reward`: it scores on the policy's own base
@@ -64,11 +67,15 @@ def load_spec(name_or_path: str) -> RewardSpec:
         path = shipped
     raw = read_yaml(path, "a reward spec (name:, type:, model:, label: ...)")
     raw.setdefault("name", path.stem)
+    folder = path.resolve().parent
+    if isinstance(raw.get("model"), str):  # a classifier directory next to the spec, wherever rlhf is started
+        raw["model"] = resolve_path(raw["model"], folder, Path.cwd())
     try:
         spec = RewardSpec.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(_describe(e, RewardSpec) for e in exc.errors())
         raise UserError(f"reward spec {path}: {problems}") from None
+    spec._folder = str(folder)
     if spec.type == "text-classification" and not spec.model:
         raise UserError(f"reward spec {path}: a text-classification reward needs 'model: HUB_ID|PATH'")
     if spec.type == "callable" and not spec.callable:
@@ -135,13 +142,20 @@ class CallableReward:
 
     def __init__(self, spec: RewardSpec):
         module_name, _, func_name = (spec.callable or "").partition(":")
+        # The module is looked for beside the spec first, then in the current directory and the installed packages,
+        # so a run started in another folder still finds it.
+        folders = [f for f in (spec._folder, os.getcwd()) if f and f not in sys.path]
+        sys.path[:0] = folders
         try:
             func = getattr(importlib.import_module(module_name), func_name)
         except (ImportError, AttributeError, ValueError):
             raise UserError(
                 f"reward '{spec.name}': cannot import '{spec.callable}'; write it as module:function, importable "
-                f"from the current directory or the installed packages"
+                f"from the spec's folder ({spec._folder}), the current directory or the installed packages"
             ) from None
+        finally:
+            for folder in folders:
+                sys.path.remove(folder)
         self.func: Callable[[list[str]], list[float]] = func
 
     def __call__(self, texts: list[str]) -> Scores:
@@ -171,8 +185,11 @@ class Judged:
         return Scores(scores, self.judge(texts).positive)
 
 
-def load_reward(name_or_path: str) -> ClassifierReward | CallableReward:
+def load_reward(name_or_path: str, device: str | None = None) -> ClassifierReward | CallableReward:
+    """The reward a spec names; `device` (the recipe's reward.device) overrides the spec's."""
     spec = load_spec(name_or_path)
+    if device is not None:
+        spec = spec.model_copy(update={"device": device})
     if spec.type == "adapter":
         raise UserError(
             f"{name_or_path} is a reward model of `rlhf reward`: it scores only inside `rlhf ppo --reward`, on the "

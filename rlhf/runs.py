@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.config import Recipe, validate
+from rlhf.config import Recipe, is_path_key, resolve_paths, validate
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_text
 
@@ -83,19 +83,39 @@ class Run:
     def reward_checkpoints(self) -> Path:
         return self.root / "reward" / "checkpoints"
 
-    def load_recipe(self) -> Recipe:
-        if not self.recipe_path.is_file():
+    def step_recipe_path(self, step: str) -> Path:
+        return self.root / step / "recipe.yaml"
+
+    def load_recipe(self, step: str | None = None) -> Recipe:
+        """RUN/recipe.yaml (the last step's), or with `step` that step's own RUN/STEP/recipe.yaml when it has one.
+        Paths in it are relative to the run when they lie inside it, so a moved run still finds its own files."""
+        path = self.step_recipe_path(step) if step and self.step_recipe_path(step).is_file() else self.recipe_path
+        if not path.is_file():
             raise UserError(
                 f"{self.root} is not an rlhf run (no recipe.yaml); start one with `rlhf sft --run {self.root}`"
             )
         try:
-            raw = yaml.safe_load(self.recipe_path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"{self.recipe_path} is not valid YAML ({exc}); restore it or start a new run") from None
-        return validate(raw, str(self.recipe_path))
+            raise UserError(f"{path} is not valid YAML ({exc}); restore it or start a new run") from None
+        if isinstance(raw, dict):
+            resolve_paths(raw, self.root, Path.cwd())
+        return validate(raw, str(path))
 
-    def write_recipe(self, recipe: Recipe) -> None:
-        atomic_write_text(self.recipe_path, recipe.to_yaml())
+    def write_recipe(self, recipe: Recipe, step: str | None = None) -> None:
+        """RUN/recipe.yaml, and with `step` also RUN/STEP/recipe.yaml: the settings that step ran with, which a later
+        step's rewrite of RUN/recipe.yaml cannot change."""
+        raw = recipe.model_dump(mode="json")
+        root = self.root.resolve()
+        for section, values in raw.items():
+            for key, value in values.items() if isinstance(values, dict) else ():
+                if is_path_key((section, key)) and isinstance(value, str) and Path(value).is_absolute():
+                    if Path(value).is_relative_to(root):  # the run's own files move with it
+                        values[key] = str(Path(value).relative_to(root))
+        text = yaml.safe_dump(raw, sort_keys=False)
+        if step:
+            atomic_write_text(self.step_recipe_path(step), text)
+        atomic_write_text(self.recipe_path, text)
 
 
 def merged_run_recipe(run: Run, recipe: Recipe) -> Recipe:
@@ -157,6 +177,27 @@ def new_run_dir(recipe: Recipe, root: Path | None = None) -> Run:
     return Run(path)
 
 
+def check_writable(path: Path) -> None:
+    """A UserError naming `path` (or the folder that would hold it) when nothing can be written there: found before
+    minutes of loading, not at the first checkpoint. A probe file, as permissions alone do not tell (root, a read-only
+    mount, an immutable folder)."""
+    import errno
+    import tempfile
+
+    folder = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not folder.is_dir():
+        return  # a file where a directory belongs: the step's own check says so
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"{folder} is full; free space there, or pass another --run DIR") from None
+        raise UserError(
+            f"cannot write in {folder} ({exc.strerror}); make it writable, or pass another --run DIR"
+        ) from None
+
+
 def existing_run(run_dir: str | None, step: str) -> Run:
     """The run a later step works on: the one named, or the most recent one."""
     if run_dir is not None:
@@ -165,8 +206,9 @@ def existing_run(run_dir: str | None, step: str) -> Run:
             raise UserError(f"--run {run_dir} is a file, not a run directory; pass the directory `rlhf sft` wrote")
         if not run.root.is_dir():
             raise UserError(f"run directory '{run_dir}' does not exist; start a run with `rlhf sft --run {run_dir}`")
-        return run
-    run = latest_run()
-    if run is None:
-        raise UserError(f"no run to {step}: pass --run DIR, or start one with `rlhf sft`")
+    else:
+        run = latest_run()
+        if run is None:
+            raise UserError(f"no run to {step}: pass --run DIR, or start one with `rlhf sft`")
+    check_writable(run.root)
     return run

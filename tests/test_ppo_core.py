@@ -12,16 +12,18 @@ from rlhf.ppo.core import (
     ScoreTransform,
     compute_gae,
     compute_rewards,
+    make_kl_controller,
+    value_loss,
+)
+from rlhf.rl.core import (
     entropy_from_logits,
     exact_div,
     kl_estimate,
     logprobs_from_logits,
-    make_kl_controller,
     masked_mean,
     masked_var,
     masked_whiten,
     policy_loss,
-    value_loss,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -102,6 +104,25 @@ def test_logprobs_backward_keeps_no_full_fp32_copy():
         logprobs_from_logits(logits, tokens, chunk_tokens=16).sum().backward()
     fp32_full = 4 * 16 * 1000 * 4
     assert sum(x.numel() * x.element_size() for x in saved if x.dtype == torch.float32) < fp32_full / 100
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
+def test_entropy_bonus_keeps_no_fp32_copy_for_backward():
+    """An entropy bonus (entropy with grad) keeps for backward the logits the caller holds anyway and two [B, T]
+    tensors: none of the three fp32 [B, T, V] tensors plain autograd would keep (log_softmax, its exp, their product),
+    which the budget does not count."""
+    logits = torch.randn(4, 16, 1000).to(torch.bfloat16).requires_grad_()
+    saved: list[torch.Tensor] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        entropy = entropy_from_logits(logits, chunk_tokens=16)
+    fp32_full = 4 * 16 * 1000 * 4
+    assert sum(x.numel() * x.element_size() for x in saved if x.dtype == torch.float32) < fp32_full / 100
+    entropy.sum().backward()
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
 
 

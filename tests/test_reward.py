@@ -17,7 +17,10 @@ from rlhf import modeling
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.io import read_jsonl
 from rlhf.reward_model.loss import accuracy, pair_stats, pairwise_loss
-from rlhf.reward_model.model import (
+from rlhf.rewards import load_spec
+from rlhf.rl.policy import Policy, ValueHead
+from rlhf.rl.prompts import left_pad
+from rlhf.rl.reward import (
     REWARD_ADAPTER,
     SharedBaseReward,
     check_same_base,
@@ -25,9 +28,6 @@ from rlhf.reward_model.model import (
     load_score_head,
     sequence_scores,
 )
-from rlhf.rewards import load_spec
-from rlhf.rl.policy import Policy, ValueHead
-from rlhf.rl.prompts import left_pad
 
 # A short run that learns: 60 steps of 8 pairs at a high learning rate (the quickstart's 400 reach ~0.98).
 SHORT = ["reward_model.max_steps=60", "reward_model.batch_size=8", "reward_model.learning_rate=3e-3",
@@ -225,6 +225,12 @@ def test_reward_adapter_leaves_policy_and_reference_bit_identical(reward_run):
     assert not any(p.requires_grad for n, p in model.named_parameters() if f".{REWARD_ADAPTER}." in n)
     assert not any(p.requires_grad for p in reward.head.parameters())
 
+    # A response that stopped at its own EOS is scored at that EOS, as training scored it: no second one is appended.
+    eos_id = tok.eos_token_id
+    ended, ended_mask = left_pad([tok("So I saw it", add_special_tokens=False)["input_ids"] + [eos_id]] * 2, 0, "cpu")
+    ended_scores = reward.score_tokens(["So I saw it"] * 2, ended, ended_mask).scores
+    assert torch.allclose(ended_scores, scores[:1].expand(2), atol=1e-5), (ended_scores, scores)
+
     # Text-only callers get the same scores: the texts re-tokenized with the same tokenizer are the same ids.
     assert torch.allclose(reward(["So I saw it", "It was"]).scores, scores, atol=1e-5)
 
@@ -264,6 +270,10 @@ def test_ppo_runs_on_the_learned_reward_with_a_judge(reward_run, copy_run):
     row = read_jsonl(run / "ppo/metrics.jsonl")[0]
     assert math.isfinite(row["reward_mean"]) and row["reward_std"] > 0
     assert "judge: quickstart-sentiment" in (run / "recipe.yaml").read_text()
+    # The policy's adapter directory holds the policy's adapter alone, not the reward's beside it.
+    assert sorted(p.name for p in (run / "ppo/adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "value_head.safetensors",
+    ]  # fmt: skip
 
 
 def length_score(texts: list[str]) -> list[float]:

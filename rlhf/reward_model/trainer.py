@@ -25,8 +25,8 @@ from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.reward_model.data import Pairs, load_pairs
 from rlhf.reward_model.loss import pair_stats, pairwise_loss
-from rlhf.reward_model.model import ScoreHead, sequence_scores
 from rlhf.rl import checkpoint
+from rlhf.rl.reward import ScoreHead, sequence_scores
 from rlhf.rl.telemetry import Log, peak_memory_bytes, progress
 from rlhf.runs import Run
 
@@ -53,7 +53,7 @@ class RewardTrainer:
         merged = self.run.merged
         self.tokenizer = modeling.load_tokenizer(merged, self.recipe.model.trust_remote_code)
         # The data first: a bad pair fails in seconds, before the model loads.
-        self.train_pairs, self.eval_pairs = load_pairs(cfg, self.tokenizer)
+        self.train_pairs, self.eval_pairs, self.preferences = load_pairs(cfg, self.tokenizer)
         if not len(self.eval_pairs):
             raise UserError(
                 f"no held-out pair fits reward_model.max_length={cfg.max_length} tokens a side; raise it, or check "
@@ -212,7 +212,7 @@ class RewardTrainer:
     def load_checkpoint(self) -> dict:
         from peft import set_peft_model_state_dict
 
-        checkpoint.remove_partial(self.run.reward_checkpoints, list(self.run.reward_dir.glob(".adapter.*")))
+        checkpoint.remove_partial(self.run.reward_checkpoints, self.run.reward_dir / "adapter")
         tensors, optimizer, state = checkpoint.load_newest(
             self.run.reward_checkpoints,
             ("adapter", "score_head"),

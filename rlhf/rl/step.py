@@ -32,6 +32,8 @@ from rlhf.rl.parallel import Parallel
 from rlhf.rl.trainer import RLTrainer
 from rlhf.runs import Run, merged_run_recipe
 
+POLICY_ADAPTER = "default"  # the name `modeling.add_lora` gives the policy's adapter
+
 
 @dataclass
 class StepResult:
@@ -68,8 +70,9 @@ def check_resume_settings(trainer: RLTrainer, state: dict, force: bool) -> None:
         return
     current, name = trainer.settings(), trainer.name
     changes = checkpoint.changed_settings(saved[name], current[name], name)
-    if saved.get("reward") != current["reward"]:
-        changes.append(f"reward: {saved.get('reward')!r} -> {current['reward']!r}")
+    for key in current.keys() - {name}:
+        if key in saved and saved[key] != current[key]:  # a key older checkpoints lack is not a change
+            changes.append(f"{key}: {saved[key]!r} -> {current[key]!r}")
     if changes:
         raise UserError(
             f"--resume would change the run's settings ({'; '.join(changes)}); resume with the settings it was "
@@ -111,7 +114,7 @@ def execute(
         check_resume_settings(trainer, state, force)
     # Only now, with the model, reward, data and checkpoint known to work, does the run directory change.
     if main:
-        run.write_recipe(recipe)
+        run.write_recipe(recipe, step)
         if force and not resume and not restart:
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
             for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "eval_before.json"):
@@ -166,7 +169,8 @@ def save_adapter(trainer: RLTrainer, card: str, extra: dict[str, dict[str, torch
     from anywhere), each `extra` entry as NAME.safetensors, and `card` as README.md."""
     out = trainer.directory / "adapter"
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        # The policy's adapter only: a learned reward's adapter, loaded into the same PEFT model, is not the policy's.
+        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[POLICY_ADAPTER])
         for name, tensors in extra.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         atomic_write_text(tmp / "README.md", card)
@@ -206,6 +210,7 @@ def eval_summary(before: dict, after: dict, trainer: RLTrainer) -> dict:
         "early_stop": trainer.early_stop,
         "n_prompts": len(trainer.eval_texts),
         "eval_split": trainer.eval_source,
+        "held_out_of_train": trainer.held_out_of_train,  # documents of the train split kept out of training for eval
         "steps": trainer.step,
         "samples_before": before["samples"],
         "samples_after": after["samples"],

@@ -18,17 +18,35 @@ from rlhf.config import Recipe
 from rlhf.data import load_texts
 from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
-from rlhf.ppo.core import masked_mean
-from rlhf.reward_model.files import reward_adapter_dir
-from rlhf.reward_model.model import SharedBaseReward, check_same_base
+from rlhf.io import trim_jsonl
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
+from rlhf.rl.core import masked_mean
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
 from rlhf.rl.prompts import Prompts
+from rlhf.rl.reward import SharedBaseReward, check_same_base
+from rlhf.rl.reward_files import reward_adapter_dir
 from rlhf.rl.telemetry import Log, Timer, peak_memory_bytes, progress
 from rlhf.runs import Run
+
+
+def hold_out(texts: list[str], n: int, data, section: str) -> tuple[list[str], list[str]]:
+    """(training texts, the last `n` texts held out for evaluation); a training text equal to a held-out one is left
+    out too, so no evaluation prompt is ever drawn in training."""
+    if n == 0:
+        return texts, []
+    if len(texts) < 2:
+        raise UserError(
+            f"dataset '{data.dataset}' has no '{data.eval_split}' split and {len(texts)} '{data.train_split}' "
+            f"document(s): too few to hold any out for evaluation; add a '{data.eval_split}' split or set "
+            f"{section}.eval_prompts=0"
+        )
+    n = min(n, len(texts) // 2)
+    held_out = texts[-n:]
+    seen = set(held_out)
+    return [t for t in texts[:-n] if t not in seen], held_out
 
 
 class NonFiniteError(RuntimeError):
@@ -72,9 +90,9 @@ class RLTrainer(ABC):
         if reward_adapter is not None:  # a learned reward: its adapter on the policy's own weights, no second model
             self.reward = SharedBaseReward(self.model, reward_adapter, self.tokenizer, self.cfg.rollout_batch_size)
         else:
-            self.reward = load_reward(self.reward_name)
+            self.reward = load_reward(self.reward_name, self.recipe.reward.device)
         if judge:  # `positive` (the positive rate) from an independent classifier, the score from the reward
-            self.reward = Judged(self.reward, load_reward(judge))
+            self.reward = Judged(self.reward, load_reward(judge, self.recipe.reward.device))
         self._setup_data()
         self._setup_optimizer()
 
@@ -93,20 +111,30 @@ class RLTrainer(ABC):
 
     def _setup_data(self) -> None:
         data, cfg = self.recipe.data, self.cfg
-        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars)
+        setting = f"{self.name}.prompt_min_chars"
+        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars, setting=setting)
+        self.held_out_of_train = 0
+        try:
+            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars, setting=setting)
+        except UserError:  # no eval split: the tail of train, which training then never draws from
+            train, held_out = hold_out(train, cfg.eval_prompts, data, self.name)
+            self.held_out_of_train = len(held_out)
+            self.eval_source = f"{data.train_split} (last {len(held_out)}, held out of training)"
+            if self.parallel.is_main and held_out:
+                print(
+                    f"{self.name}: no '{data.eval_split}' split in {data.dataset}: the last {len(held_out)} "
+                    f"'{data.train_split}' documents are held out for evaluation; training draws from the other "
+                    f"{len(train)}",
+                    file=self.out,
+                )
+        else:
+            self.eval_source = data.eval_split
         self.prompts = Prompts(
             train, self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed, section=self.name
         )
-        try:
-            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars)
-        except UserError:
-            held_out = train[-max(cfg.eval_prompts, 1) :]  # no eval split: the tail of train, said in eval.json
-            self.eval_source = f"{data.train_split} (last {len(held_out)})"
-        else:
-            self.eval_source = data.eval_split
         self.eval_texts = held_out[: cfg.eval_prompts]
         self.eval_prompts = Prompts(
-            self.eval_texts or held_out[:1], self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed + 1
+            self.eval_texts or train[:1], self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed + 1
         )
 
     def _setup_optimizer(self) -> None:
@@ -154,6 +182,11 @@ class RLTrainer(ABC):
 
     def train(self) -> None:
         cfg = self.cfg
+        if self.step == 0:  # what a roll-back before the first checkpoint goes back to (value head, controllers)
+            self.initial = (
+                {name: {k: v.detach().cpu().clone() for k, v in t.items()} for name, t in self.extra_tensors().items()},
+                self.extra_state(),
+            )
         bar = self.bar = progress(self.name, cfg.max_steps, self.step, self.parallel.is_main)
         while self.step < cfg.max_steps and not self.stop_requested:
             row = self.train_step()
@@ -201,11 +234,15 @@ class RLTrainer(ABC):
             print(f"{self.name}: stopped early: {self.early_stop}; going back to {where}", file=self.out)
         if kept:
             self.load_checkpoint()
-        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference
+        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference, and the rest as it was
             for name, p in self.model.named_parameters():
                 if "lora_B" in name:
                     p.data.zero_()
+            self.load_extra(*self.initial)
             self.step = 0
+        if self.parallel.is_main:  # the log describes the policy that is saved: the rolled-back steps' rows go
+            trim_jsonl(self.log.metrics_path, self.step)
+            trim_jsonl(self.log.samples_path, self.step)
 
     def nonfinite(self, what: str) -> None:
         """Count a skipped batch; stop (NonFiniteError) after `nonfinite_patience` in a row."""
@@ -242,7 +279,12 @@ class RLTrainer(ABC):
 
     def settings(self) -> dict:
         """What the trajectory depends on; a resume must not change it silently."""
-        return {self.name: self.cfg.model_dump(mode="json"), "reward": self.reward_name}
+        return {
+            self.name: self.cfg.model_dump(mode="json"),
+            "reward": self.reward_name,
+            # Without an eval split, eval_prompts sets how much of train is held out, so the prompts training draws.
+            "held_out_of_train": self.held_out_of_train,
+        }
 
     def save_checkpoint(self) -> None:
         from peft import get_peft_model_state_dict
@@ -264,7 +306,7 @@ class RLTrainer(ABC):
         from peft import set_peft_model_state_dict
 
         if self.parallel.is_main:
-            checkpoint.remove_partial(self.checkpoints, list(self.directory.glob(".adapter.*")))
+            checkpoint.remove_partial(self.checkpoints, self.directory / "adapter")
         self.parallel.barrier()
         names = ("adapter", *self.extra_tensors())
         tensors, optimizer, state = checkpoint.load_newest(
@@ -273,6 +315,8 @@ class RLTrainer(ABC):
         device = modeling.device()
         set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in tensors["adapter"].items()})
         self.optimizer.load_state_dict(optimizer)
+        for group in self.optimizer.param_groups:  # load_state_dict restores the saved rate; `--force` may change it
+            group["lr"] = self.cfg.learning_rate
         self.load_extra(tensors, state)
         self.nonfinite_total = state.get("nonfinite_total", 0)
         if state.get("first_distinct_2") is not None:  # the diversity guard's baseline stays that of step 1

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from rlhf.errors import UserError
-from rlhf.reward_model.files import INFO, SCORE_HEAD
 from rlhf.rl.policy import position_ids_for
+from rlhf.rl.reward_files import INFO, SCORE_HEAD
 
 REWARD_ADAPTER = "reward"  # the adapter's name inside the policy's PEFT model
 FINGERPRINT_BYTES = 4096
@@ -64,7 +64,7 @@ def base_fingerprint(model_dir: Path) -> str:
     """A digest of a model directory's weights that survives copying or moving the run: config.json and, for every
     tensor, its name, dtype, shape and first FINGERPRINT_BYTES bytes. Two merges of different adapters differ in
     every adapted matrix, so they differ here; reading a few KiB per tensor costs a second even for gpt-neox-20b."""
-    from rlhf.merge.io import checkpoint_entries
+    from rlhf.tensorfiles import checkpoint_entries
 
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for entry in checkpoint_entries(model_dir):
@@ -152,10 +152,14 @@ class SharedBaseReward:
         from rlhf.rewards import Scores
 
         # The score is read at an EOS after the text, as in training. Appended as a last column: pads between the
-        # text and it are masked and positions count real tokens only, so it sits right after each row's text.
-        eos = torch.full_like(input_ids[:, :1], self.tokenizer.eos_token_id)
-        input_ids = torch.cat([input_ids, eos], 1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+        # text and it are masked and positions count real tokens only, so it sits right after each row's text. A
+        # response that stopped at its own EOS has it already: a second one would be read at a place training never
+        # scored, so that row's column stays masked.
+        eos_id = self.tokenizer.eos_token_id
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        ended = input_ids[rows, last_token_index(attention_mask)] == eos_id
+        input_ids = torch.cat([input_ids, torch.full_like(input_ids[:, :1], eos_id)], 1)
+        attention_mask = torch.cat([attention_mask, (~ended).to(attention_mask.dtype)[:, None]], 1)
         scores = []
         with self.active():
             for start in range(0, len(input_ids), self.batch_size):
