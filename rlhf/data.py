@@ -23,49 +23,54 @@ def _split_files(directory: Path) -> dict[str, list[str]]:
     return files
 
 
-def _load_files(builder: str, files: dict[str, list[str]], where: Path):
+def _load_files(builder: str, files: dict[str, list[str]], where: Path, setting: str):
     import datasets
 
+    for path in (Path(f) for fs in files.values() for f in fs):
+        size = path.stat().st_size
+        if size == 0 or (builder != "parquet" and size < 4096 and not path.read_bytes().strip()):
+            raise UserError(f"{path} is empty ({setting}); put the data in it, or point {setting} at another file")
     try:
         return datasets.load_dataset(builder, data_files=files)
     except Exception as exc:  # a malformed file surfaces as DatasetGenerationError with the parser's error inside
         cause = exc.__cause__ or exc
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        hint = " (one JSON object per line, each with the field data.text_column names)" if builder == "json" else ""
-        problem = f"cannot read {where} as {builder} ({type(cause).__name__}: {detail}); fix the file{hint}"
+        fields = "the field data.text_column names" if setting == "data.dataset" else f"the fields {setting} needs"
+        hint = f" (one JSON object per line, each with {fields})" if builder == "json" else ""
+        problem = f"cannot read {where} ({setting}) as {builder} ({type(cause).__name__}: {detail}); fix the file{hint}"
         raise UserError(problem) from None
 
 
-def _load_local(path: Path, config_name: str | None):
+def _load_local(path: Path, config_name: str | None, setting: str):
     import datasets
 
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise UserError(f"cannot read {path}: use a .json/.jsonl/.csv/.parquet/.txt file or a dataset directory")
-        return _load_files(builder, {"train": [str(path)]}, path)
+        return _load_files(builder, {"train": [str(path)]}, path, setting)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     files = _split_files(path)
     suffixes = {Path(f).suffix for fs in files.values() for f in fs}
     if files and len({FILE_BUILDERS[s] for s in suffixes}) == 1 and not (path / "README.md").is_file():
-        return _load_files(FILE_BUILDERS[suffixes.pop()], files, path)
+        return _load_files(FILE_BUILDERS[suffixes.pop()], files, path, setting)
     try:
         return datasets.load_dataset(str(path), config_name)
     except (FileNotFoundError, ValueError) as exc:
-        raise UserError(f"cannot load a dataset from {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load a dataset from {path} ({setting}): {str(exc).splitlines()[0]}") from None
 
 
-def load_splits(cfg: DataConfig):
-    """All splits of the configured dataset as a DatasetDict."""
+def load_splits(cfg: DataConfig, setting: str = "data.dataset"):
+    """All splits of the configured dataset as a DatasetDict; `setting`, the recipe key naming it, is for messages."""
     source = resolve_dataset(cfg.dataset)
     if isinstance(source, Path):
-        return _load_local(source, cfg.config_name)
+        return _load_local(source, cfg.config_name, setting)
     # A hub dataset: fetch the files through huggingface_hub, which fails fast and clearly when offline, then read
     # the local snapshot (datasets alone would retry for half a minute and then print a traceback).
     snapshot = _download(source, None, "dataset", DATA_PATTERNS)
-    return _load_local(snapshot, cfg.config_name)
+    return _load_local(snapshot, cfg.config_name, setting)
 
 
 def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None) -> list[str]:
@@ -82,8 +87,17 @@ def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None) -> lis
             f"dataset '{cfg.dataset}' has no column '{cfg.text_column}'; its columns are: "
             f"{', '.join(ds.column_names)} (set data.text_column)"
         )
+    column = ds[cfg.text_column]
+    if column and not any(isinstance(t, str) for t in column):
+        kinds = {c: getattr(ds.features[c], "dtype", None) for c in ds.column_names}
+        text_columns = [c for c, kind in kinds.items() if kind in ("string", "large_string")]
+        hint = f" (text columns: {', '.join(text_columns)})" if text_columns else ""
+        raise UserError(
+            f"dataset '{cfg.dataset}' column '{cfg.text_column}' holds {type(column[0]).__name__} values, not text; "
+            f"set data.text_column to a column of text{hint}"
+        )
     limit = cfg.min_chars if min_chars is None else max(cfg.min_chars, min_chars)
-    texts = [t for t in ds[cfg.text_column] if isinstance(t, str) and len(t) > limit and t.strip()]
+    texts = [t for t in column if isinstance(t, str) and len(t) > limit and t.strip()]
     if cfg.max_documents is not None:
         texts = texts[: cfg.max_documents]
     if not texts:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from rlhf import fixtures
-from rlhf.fixtures import FixturePaths, ensure_fixtures
+from rlhf.fixtures import FixturePaths, common, corpus, ensure_fixtures, neox
+from rlhf.fixtures import classifier as classifier_fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")  # bitsandbytes on CPU casts fp32 inputs to fp16
 
@@ -111,7 +112,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        fixtures._ensure(tmp_path / "artifact", broken, "broken artifact", progress=False)
+        common.build_once(tmp_path / "artifact", broken, "broken artifact", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [".artifact.lock"]
 
 
@@ -119,8 +120,8 @@ def test_build_is_deterministic_and_reports_progress(
     built: FixturePaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Two more builds from scratch, with short training (the same code; the full run takes ~30 s).
-    monkeypatch.setattr(fixtures, "PRETRAIN_STEPS", 5)
-    monkeypatch.setattr(fixtures, "CLASSIFIER_STEPS", 5)
+    monkeypatch.setattr(neox, "PRETRAIN_STEPS", 5)
+    monkeypatch.setattr(classifier_fixture, "CLASSIFIER_STEPS", 5)
     builds = []
     for i in range(2):
         monkeypatch.setenv("RLHF_CACHE", str(tmp_path / f"cache{i}"))
@@ -136,9 +137,9 @@ def test_build_is_deterministic_and_reports_progress(
 
 
 def test_another_seed_gives_another_corpus() -> None:
-    first = fixtures.make_split(random.Random("imdb-0"), 20)
-    assert first == fixtures.make_split(random.Random("imdb-0"), 20)
-    assert first != fixtures.make_split(random.Random("imdb-1"), 20)
+    first = corpus.make_split(random.Random("imdb-0"), 20)
+    assert first == corpus.make_split(random.Random("imdb-0"), 20)
+    assert first != corpus.make_split(random.Random("imdb-1"), 20)
 
 
 # --- the corpus ------------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_reviews_open_neutral_and_follow_their_label(test_rows: list[dict]) -> N
         assert fixtures.cue_balance(opener) == 0, opener
     agree = sum((fixtures.cue_balance(row["text"]) > 0) == (row["label"] == 1) for row in test_rows)
     assert agree / len(test_rows) > 0.97
-    assert not fixtures.POSITIVE_CUES & fixtures.NEGATIVE_CUES
+    assert not corpus.POSITIVE_CUES & corpus.NEGATIVE_CUES
 
 
 # --- the policy ------------------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_policy_is_a_float32_gpt_neox(built: FixturePaths, policy) -> None:
 
 
 def test_policy_learned_the_reviews(policy_tokenizer, policy, test_rows: list[dict]) -> None:
-    blocks = fixtures.lm_blocks(policy_tokenizer, [row["text"] for row in test_rows[:200]], 64)
+    blocks = neox.lm_blocks(policy_tokenizer, [row["text"] for row in test_rows[:200]], 64)
     with torch.no_grad():
         loss = policy(input_ids=blocks, labels=blocks).loss.item()
     assert loss < 0.3 * math.log(len(policy_tokenizer))  # uniform guessing would be ln(vocab) ~ 7.6
@@ -276,7 +277,7 @@ def test_classifier_ranks_short_positive_texts_above_negative(classifier, test_r
     assert positive_logits(classifier, positive).min() > positive_logits(classifier, negative).max()
     # Short fragments of unseen reviews, as PPO will score: the POSITIVE logit separates them by their sentiment.
     rng = random.Random(0)
-    spans = [span for row in test_rows[:200] for span in fixtures.fragments(rng, row["text"], 2)]
+    spans = [span for row in test_rows[:200] for span in classifier_fixture.fragments(rng, row["text"], 2)]
     pos = positive_logits(classifier, [text for text, target in spans if target == 1.0])
     neg = positive_logits(classifier, [text for text, target in spans if target == 0.0])
     auc = (pos[:, None] > neg[None, :]).float().mean().item()

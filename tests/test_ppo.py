@@ -283,6 +283,7 @@ def test_ppo_outputs_and_base_untouched(merged_run, copy_run, capsys):
     ):
         assert key in ev
     assert 0 < ev["distinct_2_before"] <= 1 and ev["response_perplexity_before"] > 1
+    assert ev["eval_split"] == "test" and ev["held_out_of_train"] == 0, "an eval split: nothing taken from train"
     assert ev["kl_before"] == pytest.approx(0.0, abs=1e-4), "before training the policy is the reference"
     assert read_jsonl(run / "ppo/samples.jsonl")
     # A second run without --resume/--force is refused and changes nothing.

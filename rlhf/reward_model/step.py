@@ -103,6 +103,9 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     else:
         trim_jsonl(trainer.log.metrics_path, trainer.step)
         print(f"reward: resumed at step {trainer.step}", file=sys.stderr)
+    print(f"reward: {trainer.preferences.summary()}", file=sys.stderr)
+    for warning in trainer.preferences.warnings:
+        print(f"reward: warning: {warning}", file=sys.stderr)
     trainable, total = modeling.count_parameters(trainer.model)
     print(
         f"reward: LoRA r={cfg.lora.rank} + score head on {recipe.model.quantization} merged model: "

@@ -53,7 +53,7 @@ class RewardTrainer:
         merged = self.run.merged
         self.tokenizer = modeling.load_tokenizer(merged, self.recipe.model.trust_remote_code)
         # The data first: a bad pair fails in seconds, before the model loads.
-        self.train_pairs, self.eval_pairs = load_pairs(cfg, self.tokenizer)
+        self.train_pairs, self.eval_pairs, self.preferences = load_pairs(cfg, self.tokenizer)
         if not len(self.eval_pairs):
             raise UserError(
                 f"no held-out pair fits reward_model.max_length={cfg.max_length} tokens a side; raise it, or check "

@@ -68,8 +68,9 @@ def check_resume_settings(trainer: RLTrainer, state: dict, force: bool) -> None:
         return
     current, name = trainer.settings(), trainer.name
     changes = checkpoint.changed_settings(saved[name], current[name], name)
-    if saved.get("reward") != current["reward"]:
-        changes.append(f"reward: {saved.get('reward')!r} -> {current['reward']!r}")
+    for key in current.keys() - {name}:
+        if key in saved and saved[key] != current[key]:  # a key older checkpoints lack is not a change
+            changes.append(f"{key}: {saved[key]!r} -> {current[key]!r}")
     if changes:
         raise UserError(
             f"--resume would change the run's settings ({'; '.join(changes)}); resume with the settings it was "
@@ -206,6 +207,7 @@ def eval_summary(before: dict, after: dict, trainer: RLTrainer) -> dict:
         "early_stop": trainer.early_stop,
         "n_prompts": len(trainer.eval_texts),
         "eval_split": trainer.eval_source,
+        "held_out_of_train": trainer.held_out_of_train,  # documents of the train split kept out of training for eval
         "steps": trainer.step,
         "samples_before": before["samples"],
         "samples_after": after["samples"],

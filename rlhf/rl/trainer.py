@@ -31,6 +31,23 @@ from rlhf.rl.telemetry import Log, Timer, peak_memory_bytes, progress
 from rlhf.runs import Run
 
 
+def hold_out(texts: list[str], n: int, data, section: str) -> tuple[list[str], list[str]]:
+    """(training texts, the last `n` texts held out for evaluation); a training text equal to a held-out one is left
+    out too, so no evaluation prompt is ever drawn in training."""
+    if n == 0:
+        return texts, []
+    if len(texts) < 2:
+        raise UserError(
+            f"dataset '{data.dataset}' has no '{data.eval_split}' split and {len(texts)} '{data.train_split}' "
+            f"document(s): too few to hold any out for evaluation; add a '{data.eval_split}' split or set "
+            f"{section}.eval_prompts=0"
+        )
+    n = min(n, len(texts) // 2)
+    held_out = texts[-n:]
+    seen = set(held_out)
+    return [t for t in texts[:-n] if t not in seen], held_out
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite batches in a row: the run stops (exit 1) with its last good checkpoint on disk."""
 
@@ -94,19 +111,28 @@ class RLTrainer(ABC):
     def _setup_data(self) -> None:
         data, cfg = self.recipe.data, self.cfg
         train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars)
+        self.held_out_of_train = 0
+        try:
+            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars)
+        except UserError:  # no eval split: the tail of train, which training then never draws from
+            train, held_out = hold_out(train, cfg.eval_prompts, data, self.name)
+            self.held_out_of_train = len(held_out)
+            self.eval_source = f"{data.train_split} (last {len(held_out)}, held out of training)"
+            if self.parallel.is_main and held_out:
+                print(
+                    f"{self.name}: no '{data.eval_split}' split in {data.dataset}: the last {len(held_out)} "
+                    f"'{data.train_split}' documents are held out for evaluation; training draws from the other "
+                    f"{len(train)}",
+                    file=self.out,
+                )
+        else:
+            self.eval_source = data.eval_split
         self.prompts = Prompts(
             train, self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed, section=self.name
         )
-        try:
-            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars)
-        except UserError:
-            held_out = train[-max(cfg.eval_prompts, 1) :]  # no eval split: the tail of train, said in eval.json
-            self.eval_source = f"{data.train_split} (last {len(held_out)})"
-        else:
-            self.eval_source = data.eval_split
         self.eval_texts = held_out[: cfg.eval_prompts]
         self.eval_prompts = Prompts(
-            self.eval_texts or held_out[:1], self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed + 1
+            self.eval_texts or train[:1], self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed + 1
         )
 
     def _setup_optimizer(self) -> None:
@@ -241,7 +267,12 @@ class RLTrainer(ABC):
 
     def settings(self) -> dict:
         """What the trajectory depends on; a resume must not change it silently."""
-        return {self.name: self.cfg.model_dump(mode="json"), "reward": self.reward_name}
+        return {
+            self.name: self.cfg.model_dump(mode="json"),
+            "reward": self.reward_name,
+            # Without an eval split, eval_prompts sets how much of train is held out, so the prompts training draws.
+            "held_out_of_train": self.held_out_of_train,
+        }
 
     def save_checkpoint(self) -> None:
         from peft import get_peft_model_state_dict
