@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rlhf.chat import check_messages, ensure_chat_template, is_conversational, render_prompt
+from rlhf.chat import check_messages, ensure_chat_template, render_prompt
 from rlhf.errors import UserError
 
 
@@ -82,6 +82,8 @@ class DatasetPrompts:
         self.tokens = [tokens[i] for i in keep]
         self.rows = [rows[i] for i in keep]
         self.texts = [texts[i] for i in keep]
+        self.columns = list(rows[0]) if rows else [column]
+        self.conversational = any(not isinstance(row[column], str) for row in self.rows)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -92,10 +94,6 @@ class DatasetPrompts:
     def draw(self, step: int, size: int, rank: int = 0, world_size: int = 1) -> PromptBatch:
         picked = draw_indices(len(self.tokens), self.seed, step, size, rank, world_size)
         return PromptBatch([self.tokens[i] for i in picked], [self.rows[i] for i in picked])
-
-
-def conversational_rows(rows: list[dict[str, Any]], column: str) -> bool:
-    return any(is_conversational(row[column]) for row in rows[:1])
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ class Rollout:
     ref_logprobs: Tensor | None = None  # [B, R] reference (adapter disabled)
     values: Tensor | None = None  # [B, R] PPO only
     entropy: Tensor | None = None  # [B, R]
-    components: dict[str, Tensor] | None = None  # [B] each callable reward's own values, NaN where it does not apply
+    components: dict[str, Tensor] = field(default_factory=dict)  # [B] a callable's own values, NaN: does not apply
 
     @property
     def texts(self) -> list[str]:
