@@ -367,6 +367,7 @@ def run_ppo(args, model_dir: Path, meter: Meter) -> dict:
     import torch
 
     from rlhf.ppo import core
+    from rlhf.rl.core import policy_loss
     from rlhf.rl.policy import Policy, ValueHead
 
     recipe = recipe_for(args, model_dir)
@@ -411,7 +412,7 @@ def run_ppo(args, model_dir: Path, meter: Meter) -> dict:
                 for m in range(start, min(start + args.mini_batch, B), micro):
                     idx = torch.arange(m, min(m + micro, B), device=device)
                     out = policy.score(ids[idx], mask[idx], R, values=True)
-                    pg, _ = core.policy_loss(out.logprobs, old.logprobs[idx], advantages[idx], rm[idx], 0.2)
+                    pg, _ = policy_loss(out.logprobs, old.logprobs[idx], advantages[idx], rm[idx], 0.2)
                     vf, _ = core.value_loss(out.values, old.values[idx], returns[idx], rm[idx], 0.2)
                     (pg + 0.1 * vf).backward()
                     del out, pg, vf

@@ -680,7 +680,7 @@ def analysis(results: dict[str, dict], cfg: dict, L: dict[str, str]) -> list[str
         f"({uncached / cached:.1f}x fewer), and checkpointing is off while generating (it would disable the cache).",
         f"- Only the logits that are used are computed (`logits_to_keep`): the last position while generating and "
         f"the {n + 1} response positions when scoring, never batch x sequence x vocab for the prompt; log-probs and "
-        f"entropy are taken in chunks (`rlhf.ppo.core.logprobs_from_logits`).",
+        f"entropy are taken in chunks (`rlhf.rl.core.logprobs_from_logits`).",
         "- No `output_hidden_states`: the value head reads the last hidden state through a pre-hook on the output "
         "layer, at exactly the kept positions, so the value costs one small matmul on the policy's own pass (the fwd "
         "value head column) instead of a third forward pass or a tuple of every layer's states.",

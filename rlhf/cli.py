@@ -281,7 +281,7 @@ def cmd_merge(args) -> int:
 
 def run_recipe(args, step: str):
     """The run a step after merge works on and its recipe: --recipe, or the run's own, with the overrides applied."""
-    from rlhf.config import apply_overrides, validate
+    from rlhf.config import apply_overrides, resolve_path, validate
     from rlhf.runs import existing_run
 
     run = existing_run(args.run, step)
@@ -290,6 +290,7 @@ def run_recipe(args, step: str):
     else:  # the run's own recipe, with any overrides applied to it
         recipe = validate(apply_overrides(run.load_recipe().model_dump(mode="json"), list(args.overrides)))
     if getattr(args, "reward", None):
+        args.reward = resolve_path(args.reward, Path.cwd())  # stored absolute: the run works from any folder
         recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": args.reward})})
     return run, recipe
 

@@ -446,10 +446,48 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+# Recipe values that may name a local file or directory: read relative to the recipe file's folder (a command-line
+# override: the current directory), and stored absolute, so that a run does not depend on where it was started.
+PATH_KEYS = {("model", "name"), ("reward", "name"), ("reward", "judge")}
+
+
+def is_path_key(path: tuple[str, ...] | list[str]) -> bool:
+    path = tuple(path)
+    return path in PATH_KEYS or (len(path) == 2 and path[1] == "dataset")
+
+
+def resolve_path(value: Any, *bases: Path) -> Any:
+    """`value` as an absolute path when it names an existing file or directory relative to one of `bases` (first
+    match wins; ~ expanded); anything else (a hub id, fixture:NAME, a shipped name, a missing path) unchanged."""
+    if not isinstance(value, str) or not value or value.startswith("fixture:") or "\n" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path) if path.exists() else value
+    for base in bases:
+        candidate = base / path
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
+
+
+def resolve_paths(raw: dict[str, Any], *bases: Path) -> dict[str, Any]:
+    """Every path-valued key of a raw recipe (PATH_KEYS, any section's `dataset`) resolved by `resolve_path`."""
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if is_path_key((section, key)):
+                    values[key] = resolve_path(value, *bases)
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each dotted KEY=VALUE in the raw mapping; unknown keys are left for validation to report together."""
+    """Set each dotted KEY=VALUE in the raw mapping; unknown keys are left for validation to report together. A path
+    given on the command line is read from the current directory."""
     for item in overrides:
         path, value = parse_override(item)
+        if is_path_key(path):
+            value = resolve_path(value, Path.cwd())
         node = raw
         for depth, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -494,6 +532,8 @@ def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) ->
                 f"({', '.join(available_recipes())})"
             )
         raw = read_yaml(path)
+        if raw:
+            resolve_paths(raw, path.resolve().parent, Path.cwd())
         if not raw:
             raise UserError(
                 f"recipe file {path} is empty; set at least model: and data: (copy recipes/quickstart.yaml to start), "

@@ -95,6 +95,8 @@ def load_base(cfg: ModelConfig, path: Path | str, quantization: str | None = Non
         raise
     if qconfig is None:
         model.to(device())
+    if cfg.quantization == "4bit":
+        keep_nf4_trainable(model)
     # Name the base so that plain transformers/peft can load it again from any working directory: a hub id as the
     # user wrote it (not the cache path it was read from), anything local (a directory, a fixture) by absolute path.
     name = cfg.name if _is_hub_id(cfg.name) else str(Path(path).resolve())
@@ -102,6 +104,23 @@ def load_base(cfg: ModelConfig, path: Path | str, quantization: str | None = Non
     model.name_or_path = name  # what peft writes as base_model_name_or_path (read from the instance, not config)
     model.requires_grad_(False)
     return model
+
+
+def keep_nf4_trainable(model) -> int:
+    """Keep every NF4 layer on the path it trains on, in every mode; returns how many layers that concerned.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place into an inference-only layout
+    the first time it runs in eval mode without grad, and the layout stays when training resumes: the training
+    forward then runs a kernel without autograd (a tiny Llama's adapters got no gradient at all) or fails on
+    `result += bias` (GPT-NeoX). Generation, evaluation and the reward's scoring all run in eval mode, so no layer
+    may pack; unpacked, generation also computes exactly the scoring pass's log-probs. CUDA never packs.
+    """
+    switched = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 def _is_hub_id(name: str) -> bool:

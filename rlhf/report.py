@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,29 @@ DPI = 110
 MAX_CELL_CHARS = 400
 # Steps that tune the policy after merge; each leaves metrics.jsonl and eval.json (same keys) in its directory.
 POLICY_STEPS = {"ppo": "PPO", "grpo": "GRPO"}
+
+
+def sft_loss_hint(loss: float, vocab_size: int | None) -> str | None:
+    """A hint when an SFT loss is above ln(vocabulary), the loss of a uniform guess over the tokens: a model that
+    has trained a few steps and still does worse than guessing is fed something else than it learns from."""
+    if not vocab_size or not math.isfinite(loss) or loss <= math.log(vocab_size):
+        return None
+    return (
+        f"SFT loss {loss:.2f} is above ln(vocabulary) = {math.log(vocab_size):.2f}, a uniform guess over "
+        f"{vocab_size:,} tokens: check that the tokenizer is the model's, that the text column holds text, and that "
+        f"sft.learning_rate is not too high"
+    )
+
+
+def _vocab_size(run: Run) -> int | None:
+    """The model's vocabulary, from the merged model or the SFT adapter's base (a local directory)."""
+    base = (_read_json(run.sft_adapter / "adapter_config.json") or {}).get("base_model_name_or_path")
+    for folder in (run.merged, Path(base) if isinstance(base, str) else None):
+        config = _read_json(folder / "config.json") if folder else None
+        size = (config or {}).get("vocab_size") or (config or {}).get("text_config", {}).get("vocab_size")
+        if isinstance(size, int):
+            return size
+    return None
 
 
 # --- plots ------------------------------------------------------------------------------------------------------
@@ -198,31 +222,52 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _recipe_section(run: Run, steps: list[str]) -> tuple[list[str], Recipe | None]:
-    """Lines naming the recipe, model, data, reward and the settings of each of `steps`; and the recipe, when it can
-    be read."""
+def _step_recipes(run: Run, steps: list[str]) -> dict[str, Recipe]:
+    """Each step's own resolved settings (RUN/STEP/recipe.yaml; RUN/recipe.yaml for a run older than those files):
+    RUN/recipe.yaml is rewritten by every step, so only a step's own file says which reward it used."""
+    out = {}
+    for step in steps:
+        try:
+            out[step] = run.load_recipe(step)
+        except UserError:
+            continue
+    return out
+
+
+def _recipe_section(
+    run: Run, steps: list[str], evals: dict[str, dict | None]
+) -> tuple[list[str], Recipe | None, dict[str, Recipe]]:
+    """Lines naming the recipe, model, data, the reward of each step and the settings of each of `steps`; the recipe
+    and each step's own, when they can be read."""
     if not run.recipe_path.is_file():
-        return ["- recipe: unknown (no recipe.yaml in the run)"], None
+        return ["- recipe: unknown (no recipe.yaml in the run)"], None, {}
     try:
         recipe = run.load_recipe()
     except UserError as exc:  # a damaged recipe should not hide the curves and samples that are there
-        return [f"- recipe: unreadable ({exc})"], None
-    ppo = recipe.ppo
+        return [f"- recipe: unreadable ({exc})"], None, {}
+    own = _step_recipes(run, [s for s in steps if (run.root / s).is_dir()])
+    held_out = [f"{POLICY_STEPS[s]}: `{ev['eval_split']}`" for s, ev in evals.items() if ev and ev.get("eval_split")]
+    held_out_text = ", ".join(held_out) if held_out else f"split `{recipe.data.eval_split}` when the data has one"
+    rewards = [(POLICY_STEPS[s], r.reward) for s, r in own.items()] or [(None, recipe.reward)]
+    reward_lines = [
+        f"- reward{f' ({label})' if label else ''}: `{reward.name}`"
+        + (f" (positive rate judged by `{reward.judge}`)" if reward.judge else "")
+        for label, reward in rewards
+    ]
+    ppo = own.get("ppo", recipe).ppo
     kl = f"KL coefficient {ppo.init_kl_coef:g}" + (f" adapted towards KL {ppo.target_kl:g}" if ppo.adaptive_kl else "")
     return [
         f"- recipe: **{recipe.name}**" + (f" — {recipe.description}" if recipe.description else ""),
         f"- model: `{recipe.model.name}` ({recipe.model.quantization}); SFT LoRA r={recipe.lora.rank}, "
         f"alpha={recipe.lora.alpha:g} on {_sft_targets(run, recipe)}",
-        f"- data: `{recipe.data.dataset}` (train split `{recipe.data.train_split}`, "
-        f"held-out split `{recipe.data.eval_split}`)",
-        f"- reward: `{recipe.reward.name}`"
-        + (f" (positive rate judged by `{recipe.reward.judge}`)" if recipe.reward.judge else ""),
+        f"- data: `{recipe.data.dataset}` (train split `{recipe.data.train_split}`; held out: {held_out_text})",
+        *reward_lines,
         *(
             [f"- PPO: batch {ppo.batch_size}, mini-batch {ppo.mini_batch_size}, {ppo.ppo_epochs} PPO epochs, "
              f"learning rate {ppo.learning_rate:g}, {kl}"] if "ppo" in steps else []
         ),
-        *([_grpo_line(recipe)] if "grpo" in steps else []),
-    ], recipe  # fmt: skip
+        *([_grpo_line(own.get("grpo", recipe))] if "grpo" in steps else []),
+    ], recipe, own  # fmt: skip
 
 
 def _grpo_line(recipe: Recipe) -> str:
@@ -288,6 +333,7 @@ def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
         rows.append([name, _num(before, ".3f"), _num(after, ".3f"), _delta(before, after, "+.3f")])
     rows.append(["prompts", str(ev.get("n_prompts", "—")), str(ev.get("n_prompts", "—")), ""])
     out.append(_table(["metric", f"before {label}", f"after {label}", "change"], rows, ["---", "---:", "---:", "---:"]))
+    out += _perplexity_warnings(ev, step)
     d2_before, d2_after = ev.get("distinct_2_before"), ev.get("distinct_2_after")
     if _is_num(d2_before) and _is_num(d2_after) and (warning := collapse_warning(d2_before, d2_after)):
         out += [
@@ -303,6 +349,29 @@ def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
     if notes:
         out += ["", "_" + "; ".join(notes) + "._"]
     return out + [""]
+
+
+# A perplexity this many times the reference's (the value before RL) is called out, not left as a bare number.
+PERPLEXITY_FLAG = 2.0
+
+
+def _perplexity_warnings(ev: dict, step: str) -> list[str]:
+    label, out = POLICY_STEPS[step], []
+    knob = "ppo.init_kl_coef / ppo.target_kl" if step == "ppo" else "grpo.beta"
+    for key, what in (
+        ("response_perplexity", "the reference model's perplexity of the responses"),
+        ("perplexity", "the perplexity on held-out text"),
+    ):
+        before, after = ev.get(f"{key}_before"), ev.get(f"{key}_after")
+        if _is_num(before) and _is_num(after) and before > 0 and after >= PERPLEXITY_FLAG * before:
+            out += [
+                "",
+                f"**Warning: {what} rose {before:.2f} -> {after:.2f} ({after / before:.1f}x the reference's).** "
+                f"After {label} the text is far less likely under the reference model: often reward hacking or "
+                f"broken text (read the generations below). A stronger KL penalty ({knob}) or fewer steps keeps the "
+                f"policy nearer the reference.",
+            ]
+    return out
 
 
 # (row label, reward/eval.json key without _before/_after, format)
@@ -359,7 +428,11 @@ def _figure_md(run: Run, heading: str, name: str, drawn: bool, alt: str, missing
 
 
 def _plots_section(
-    run: Run, sft_rows: list[dict], policy_rows: dict[str, list[dict]], recipe: Recipe | None
+    run: Run,
+    sft_rows: list[dict],
+    policy_rows: dict[str, list[dict]],
+    recipe: Recipe | None,
+    own: dict[str, Recipe],
 ) -> list[str]:
     losses = [r for r in sft_rows if isinstance(r.get("loss"), (int, float))]
     intro = ""
@@ -369,7 +442,8 @@ def _plots_section(
             f"Loss {first['loss']:.4f} at step {first.get('step')} -> {last['loss']:.4f} at step "
             f"{last.get('step')} ({len(losses)} logged steps)."
         )
-    reward_name = recipe.reward.name if recipe else "reward model"
+        if hint := sft_loss_hint(last["loss"], _vocab_size(run)):
+            intro += f" **{hint}**"
     out = [
         "## Training curves",
         "",
@@ -387,11 +461,13 @@ def _plots_section(
         label = POLICY_STEPS[step]
         missing = f"no {label} metrics ({step}/metrics.jsonl is missing or empty)"
         # the adaptive controller's target is a PPO setting
-        target_kl = recipe.ppo.target_kl if step == "ppo" and recipe and recipe.ppo.adaptive_kl else None
+        step_recipe = own.get(step, recipe)
+        reward_name = step_recipe.reward.name if step_recipe else "reward model"
+        target_kl = step_recipe.ppo.target_kl if step == "ppo" and step_recipe and step_recipe.ppo.adaptive_kl else None
         out += [
             *_figure_md(
                 run,
-                f"{label} reward",
+                f"{label} reward ({reward_name})",
                 f"{step}_reward.png",
                 plot_reward(rows, run.root / f"{step}_reward.png", reward_name, label),
                 f"{label} reward mean ± std and positive rate per step",
@@ -523,7 +599,7 @@ def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
     if not run.recipe_path.is_file() and not sft_rows and not any(policy_rows.values()) and not any(evals.values()):
         raise UserError(f"{run.root} holds no rlhf run (no recipe.yaml, no metrics); nothing to report")
 
-    recipe_lines, recipe = _recipe_section(run, steps)
+    recipe_lines, recipe, own = _recipe_section(run, steps, evals)
     lines = [
         f"# rlhf run report: {run.root.name}",
         "",
@@ -533,7 +609,7 @@ def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
         "",
         *_reward_model_section(run),
         *[line for step in steps for line in _eval_section(evals[step], step)],
-        *_plots_section(run, sft_rows, policy_rows, recipe),
+        *_plots_section(run, sft_rows, policy_rows, recipe, own),
         *[line for step in steps for line in _samples_section(evals[step], step)],
         *_timings_section(timings, policy_rows),
         *_artifacts_section(run, steps),

@@ -19,14 +19,16 @@ import importlib.util
 import inspect
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from rlhf.config import _describe, read_yaml, shipped_dir
+from rlhf.config import _describe, read_yaml, resolve_path, shipped_dir
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:  # torch loads with a reward model, not with a spec: `rlhf budget` reads specs only
@@ -58,6 +60,7 @@ class RewardSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_length: int = Field(512, ge=8)
     trust_remote_code: bool = False
+    _folder: str | None = PrivateAttr(None)  # the spec file's folder: its relative paths start there
 
 
 def reward_models_dir() -> Path:
@@ -69,7 +72,7 @@ def available_rewards() -> list[str]:
 
 
 def load_spec(name_or_path: str) -> RewardSpec:
-    from rlhf.reward_model.files import reward_adapter_dir
+    from rlhf.rl.reward_files import reward_adapter_dir
 
     adapter = reward_adapter_dir(name_or_path)
     if adapter is not None:  # a reward model learned by `rlhf reward`: it scores on the policy's own base
@@ -85,18 +88,25 @@ def load_spec(name_or_path: str) -> RewardSpec:
         path = shipped
     raw = read_yaml(path, "a reward spec (name:, type:, model:, label: ...)")
     raw.setdefault("name", path.stem)
+    folder = path.resolve().parent
+    parts = raw["rewards"] if isinstance(raw.get("rewards"), list) else []
     if raw.get("rewards") is not None:
         raw.setdefault("type", "weighted")
-        for i, item in enumerate(raw["rewards"] if isinstance(raw["rewards"], list) else []):
-            if isinstance(item, dict):
-                item.setdefault("name", f"reward_{i}")
-                if "callable" in item:
-                    item.setdefault("type", "callable")
+    for i, item in enumerate(parts):
+        if isinstance(item, dict):
+            item.setdefault("name", f"reward_{i}")
+            if "callable" in item:
+                item.setdefault("type", "callable")
+    for item in [raw, *parts]:
+        if isinstance(item, dict) and isinstance(item.get("model"), str):  # a classifier beside the spec
+            item["model"] = resolve_path(item["model"], folder, Path.cwd())
     try:
         spec = RewardSpec.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(_describe(e, RewardSpec) for e in exc.errors())
         raise UserError(f"reward spec {path}: {problems}") from None
+    for part in [spec, *(spec.rewards or [])]:
+        part._folder = str(folder)
     for part in spec.rewards or [spec]:
         _check_part(part, spec, path)
     return spec
@@ -225,8 +235,12 @@ class ClassifierReward:
 
 def _import_callable(spec: RewardSpec) -> Callable:
     module_name, _, func_name = (spec.callable or "").rpartition(":")
+    # A module is looked for beside the spec first, then in the current directory and the installed packages, so a
+    # run started in another folder still finds it.
+    folders = [f for f in (spec._folder, os.getcwd()) if f and f not in sys.path]
+    sys.path[:0] = folders
     try:
-        if module_name.endswith(".py"):  # a file beside the spec: imported by path, no package needed
+        if module_name.endswith(".py"):  # a file (made absolute from the spec's folder): imported by path
             module_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -235,9 +249,13 @@ def _import_callable(spec: RewardSpec) -> Callable:
         return getattr(module, func_name)
     except (ImportError, AttributeError, ValueError, FileNotFoundError):
         raise UserError(
-            f"reward '{spec.name}': cannot import '{spec.callable}'; write it as module:function (importable from the "
-            f"current directory or the installed packages) or path/to/file.py:function"
+            f"reward '{spec.name}': cannot import '{spec.callable}'; write it as module:function, importable from the "
+            f"spec's folder ({spec._folder}), the current directory or the installed packages, or as "
+            f"path/to/file.py:function"
         ) from None
+    finally:
+        for folder in folders:
+            sys.path.remove(folder)
 
 
 def takes_kwargs(func: Callable) -> bool:

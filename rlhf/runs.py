@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.config import Recipe, validate
+from rlhf.config import Recipe, is_path_key, resolve_paths, validate
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_text
 
@@ -83,19 +83,39 @@ class Run:
     def reward_checkpoints(self) -> Path:
         return self.root / "reward" / "checkpoints"
 
-    def load_recipe(self) -> Recipe:
-        if not self.recipe_path.is_file():
+    def step_recipe_path(self, step: str) -> Path:
+        return self.root / step / "recipe.yaml"
+
+    def load_recipe(self, step: str | None = None) -> Recipe:
+        """RUN/recipe.yaml (the last step's), or with `step` that step's own RUN/STEP/recipe.yaml when it has one.
+        Paths in it are relative to the run when they lie inside it, so a moved run still finds its own files."""
+        path = self.step_recipe_path(step) if step and self.step_recipe_path(step).is_file() else self.recipe_path
+        if not path.is_file():
             raise UserError(
                 f"{self.root} is not an rlhf run (no recipe.yaml); start one with `rlhf sft --run {self.root}`"
             )
         try:
-            raw = yaml.safe_load(self.recipe_path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"{self.recipe_path} is not valid YAML ({exc}); restore it or start a new run") from None
-        return validate(raw, str(self.recipe_path))
+            raise UserError(f"{path} is not valid YAML ({exc}); restore it or start a new run") from None
+        if isinstance(raw, dict):
+            resolve_paths(raw, self.root, Path.cwd())
+        return validate(raw, str(path))
 
-    def write_recipe(self, recipe: Recipe) -> None:
-        atomic_write_text(self.recipe_path, recipe.to_yaml())
+    def write_recipe(self, recipe: Recipe, step: str | None = None) -> None:
+        """RUN/recipe.yaml, and with `step` also RUN/STEP/recipe.yaml: the settings that step ran with, which a later
+        step's rewrite of RUN/recipe.yaml cannot change."""
+        raw = recipe.model_dump(mode="json")
+        root = self.root.resolve()
+        for section, values in raw.items():
+            for key, value in values.items() if isinstance(values, dict) else ():
+                if is_path_key((section, key)) and isinstance(value, str) and Path(value).is_absolute():
+                    if Path(value).is_relative_to(root):  # the run's own files move with it
+                        values[key] = str(Path(value).relative_to(root))
+        text = yaml.safe_dump(raw, sort_keys=False)
+        if step:
+            atomic_write_text(self.step_recipe_path(step), text)
+        atomic_write_text(self.recipe_path, text)
 
 
 def merged_run_recipe(run: Run, recipe: Recipe) -> Recipe:

@@ -91,7 +91,7 @@ def start_run(run: Run, recipe: Recipe, resume: bool, force: bool) -> None:
             # Start training over, but keep the old adapter until the new one replaces it atomically.
             shutil.rmtree(run.sft_dir / "checkpoints", ignore_errors=True)
             (run.sft_dir / "metrics.jsonl").unlink(missing_ok=True)
-        run.write_recipe(recipe)
+        run.write_recipe(recipe, "sft")
         mark_latest(run)
 
 

@@ -437,11 +437,11 @@ def _nan_reward(tmp_path, monkeypatch, name: str, bad: set[int], start: int | No
 
 
 def test_nonfinite_reward_and_loss_skip_the_batch(merged_run, copy_run, tmp_path, capsys, monkeypatch):
-    from rlhf.ppo import core
+    from rlhf.ppo import update
 
     run = copy_run(merged_run)
     spec = _nan_reward(tmp_path, monkeypatch, "nan_once", bad={2})  # step 1's first rollout
-    policy_loss, calls = core.policy_loss, []
+    policy_loss, calls = update.policy_loss, []
 
     def nan_loss(*args, **kwargs):
         # Step 1 takes 2 mini-batches (calls 1-2); both mini-batches of step 2's first attempt (3-4) are NaN.
@@ -449,7 +449,7 @@ def test_nonfinite_reward_and_loss_skip_the_batch(merged_run, copy_run, tmp_path
         loss, stats = policy_loss(*args, **kwargs)
         return (loss * float("nan"), stats) if len(calls) in (3, 4) else (loss, stats)
 
-    monkeypatch.setattr(core, "policy_loss", nan_loss)
+    monkeypatch.setattr(update, "policy_loss", nan_loss)
     assert cli("ppo", "--run", run, "--reward", spec, *PPO_SMALL, "ppo.max_steps=2") == 0
     err = capsys.readouterr().err
     assert "non-finite reward or log-probs at step 1; batch skipped" in err

@@ -71,3 +71,39 @@ def test_cycle_finder_finds_one():
     graph["rlhf.ppo.step"] = {"rlhf.io"}
     assert find_cycle(graph) is None
     assert "rlhf.ppo.step" in import_graph()["rlhf.cli"], "imports inside functions are read"
+
+
+# The steps: each a command's flow. Shared layers sit below them and import none of them.
+STEPS = ("rlhf.ppo", "rlhf.grpo", "rlhf.reward_model", "rlhf.dpo", "rlhf.sft", "rlhf.merge", "rlhf.cli",
+         "rlhf.quickstart")  # fmt: skip
+
+
+def _is_step(module: str) -> bool:
+    return any(module == step or module.startswith(step + ".") for step in STEPS)
+
+
+def layering_violations(graph: dict[str, set[str]], shared: str = "rlhf.rl") -> list[str]:
+    """'A -> B' for each module A of the shared package that imports a step B (anywhere in its source)."""
+    return sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module == shared or module.startswith(shared + ".")
+        for target in targets
+        if _is_step(target)
+    )
+
+
+def test_rl_imports_no_step():
+    """rlhf.rl (what PPO and GRPO share) depends on nothing above it: a helper two steps share moves down into it."""
+    assert layering_violations(import_graph()) == []
+
+
+def test_layering_check_finds_a_violation():
+    graph = {
+        "rlhf.rl.trainer": {"rlhf.rl.core", "rlhf.io"},
+        "rlhf.rl.update": {"rlhf.ppo.core"},
+        "rlhf.ppo.core": set(),
+    }
+    assert layering_violations(graph) == ["rlhf.rl.update -> rlhf.ppo.core"]
+    graph["rlhf.rl.update"] = {"rlhf.rl.core"}
+    assert layering_violations(graph) == []

@@ -38,9 +38,9 @@ from rlhf.config import ModelConfig, Recipe
 from rlhf.errors import DoesNotFit, UserError
 from rlhf.merge import adapters as merge_adapters
 from rlhf.merge.adapters import plan_merge, read_adapter
-from rlhf.merge.io import checkpoint_entries
 from rlhf.merge.ram import largest_working_set
 from rlhf.runs import Run
+from rlhf.tensorfiles import checkpoint_entries
 
 LOGITS_ATOL = 1e-2
 EPS16 = torch.finfo(torch.float16).eps

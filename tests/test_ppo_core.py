@@ -12,16 +12,18 @@ from rlhf.ppo.core import (
     ScoreTransform,
     compute_gae,
     compute_rewards,
+    make_kl_controller,
+    value_loss,
+)
+from rlhf.rl.core import (
     entropy_from_logits,
     exact_div,
     kl_estimate,
     logprobs_from_logits,
-    make_kl_controller,
     masked_mean,
     masked_var,
     masked_whiten,
     policy_loss,
-    value_loss,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)

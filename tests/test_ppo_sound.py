@@ -14,9 +14,10 @@ from conftest import cli
 from rlhf import modeling
 from rlhf.config import LoraConfig, load_recipe
 from rlhf.io import read_jsonl
-from rlhf.ppo import core, step
+from rlhf.ppo import step
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
+from rlhf.rl.core import masked_mean
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
 from rlhf.rl.rollout import Rollout, collect, partition, score
@@ -91,9 +92,9 @@ def test_old_logprobs_scored_in_the_update_partition_match_exactly(merged_run, t
             rollout.input_ids[first], rollout.attention_mask[first], rollout.response.shape[1]
         ).logprobs
     mask = rollout.response_mask[first]
-    same = core.masked_mean((new - rollout.logprobs[first]).abs(), mask).item()
+    same = masked_mean((new - rollout.logprobs[first]).abs(), mask).item()
     score(rollout, trainer.policy, partition(torch.arange(16), 16), True, Timer())
-    other = core.masked_mean((new - rollout.logprobs[first]).abs(), mask).item()
+    other = masked_mean((new - rollout.logprobs[first]).abs(), mask).item()
     assert same == 0.0
     assert other > 1e-4, "the batch dependence this guards against must show, or the test proves nothing"
 
@@ -232,7 +233,7 @@ def test_gradient_accumulation_gives_the_same_gradient(merged_run, tmp_path):
     optimise(rollout, rollout.scores.float(), Optimisation(trainer.policy, trainer.params, recorder, trainer.parallel),
              cfg, 0.1, order, torch.Generator(), Timer())  # fmt: skip
     out = trainer.policy(rollout.input_ids, rollout.attention_mask, rollout.response.shape[1], entropy=True)
-    entropy = core.masked_mean(out.entropy, rollout.response_mask)
+    entropy = masked_mean(out.entropy, rollout.response_mask)
     expected = torch.autograd.grad(-coef * entropy, trainer.params, allow_unused=True)
     for with_bonus, without, term in zip(recorder.seen[0], grads[0], expected):
         term = torch.zeros_like(without) if term is None else term

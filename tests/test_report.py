@@ -309,3 +309,42 @@ def test_learned_reward_model_gets_its_section(tmp_path):
 def test_run_without_a_reward_model_has_no_such_section(full_run):
     text = write_report(Run(full_run)).read_text()
     assert "Reward model" not in text and "reward model adapter" not in text
+
+
+def test_each_step_is_titled_with_its_own_reward_and_split(tmp_path):
+    """PPO on one reward, then GRPO on another: RUN/recipe.yaml names the last one, each step's own file its own."""
+    root = tmp_path / "two-rewards"
+    run = Run(root)
+    write_sft(root)
+    write_ppo(root, eval_split="train (last 8, held out of training)")
+    write_ppo(root, step_dir="grpo")
+    run.write_recipe(load_recipe("quickstart", ["reward.name=imdb-sentiment"]), "ppo")
+    run.write_recipe(load_recipe("quickstart", ["reward.name=quickstart-sentiment"]), "grpo")
+
+    text = write_report(run).read_text()
+
+    assert "- reward (PPO): `imdb-sentiment`" in text and "- reward (GRPO): `quickstart-sentiment`" in text
+    assert "### PPO reward (imdb-sentiment)" in text and "### GRPO reward (quickstart-sentiment)" in text
+    # The header says which split each evaluation used, as the tables below do (not the recipe's eval_split).
+    assert "held out: PPO: `train (last 8, held out of training)`, GRPO: `test`)" in text
+    assert "held-out prompts from split `train (last 8, held out of training)`" in text
+
+
+def test_perplexity_far_above_the_references_is_flagged(tmp_path):
+    root = tmp_path / "gibberish"
+    write_ppo(root, response_perplexity_before=12.5, response_perplexity_after=310.0)
+    text = write_report(Run(root)).read_text()
+    assert "**Warning: the reference model's perplexity of the responses rose 12.50 -> 310.00 (24.8x" in text
+    assert "perplexity on held-out text rose" not in text  # 3.84 -> 4.07 is no alarm
+    write_ppo(tmp_path / "ok")
+    assert "Warning: the reference" not in write_report(Run(tmp_path / "ok")).read_text()
+
+
+def test_an_sft_loss_above_uniform_guessing_gets_a_hint(tmp_path):
+    root = tmp_path / "sft"
+    write_sft(root)  # its last loss is 1.42
+    (root / "merged").mkdir()
+    (root / "merged/config.json").write_text('{"vocab_size": 3}')  # ln 3 = 1.10: worse than guessing
+    assert "**SFT loss 1.42 is above ln(vocabulary) = 1.10" in write_report(Run(root)).read_text()
+    (root / "merged/config.json").write_text('{"vocab_size": 2048}')
+    assert "above ln(vocabulary)" not in write_report(Run(root)).read_text()

@@ -17,7 +17,10 @@ from rlhf import modeling
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.io import read_jsonl
 from rlhf.reward_model.loss import accuracy, pair_stats, pairwise_loss
-from rlhf.reward_model.model import (
+from rlhf.rewards import load_spec
+from rlhf.rl.policy import Policy, ValueHead
+from rlhf.rl.prompts import left_pad
+from rlhf.rl.reward import (
     REWARD_ADAPTER,
     SharedBaseReward,
     check_same_base,
@@ -25,9 +28,6 @@ from rlhf.reward_model.model import (
     load_score_head,
     sequence_scores,
 )
-from rlhf.rewards import load_spec
-from rlhf.rl.policy import Policy, ValueHead
-from rlhf.rl.prompts import left_pad
 
 # A short run that learns: 60 steps of 8 pairs at a high learning rate (the quickstart's 400 reach ~0.98).
 SHORT = ["reward_model.max_steps=60", "reward_model.batch_size=8", "reward_model.learning_rate=3e-3",

@@ -62,3 +62,24 @@ def test_default_targets_of_shipped_configs_on_the_meta_device(name, expected, l
     assert targets == expected
     linears = [(n.rsplit(".", 1)[-1], m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert sum(16 * (m.in_features + m.out_features) for short, m in linears if short in targets) == lora_params
+
+
+@pytest.mark.parametrize("recipe", ["quickstart", "memorize"])
+def test_tiny_recipes_fit_a_model_the_user_brings(recipe):
+    """`rlhf sft --recipe quickstart --model ./my-llama`: every LoRA section of the recipes meant for any model names
+    targets that exist in another family too, and resolve on GPT-NeoX to what the quickstart was tuned with."""
+    from rlhf.config import load_recipe
+
+    r = load_recipe(recipe)
+    sections = {
+        "lora": r.lora,
+        "ppo.lora": r.ppo.lora,
+        "grpo.lora": r.grpo.lora,
+        "reward_model.lora": r.reward_model.lora,
+    }
+    for name, lora in sections.items():
+        assert resolve_targets(lora.target_modules, "llama", LLAMA), name  # no UserError
+    if recipe == "quickstart":
+        assert resolve_targets(r.lora.target_modules, "gpt_neox", NEOX) == ["query_key_value"]
+        for name in ("ppo.lora", "grpo.lora", "reward_model.lora"):
+            assert resolve_targets(sections[name].target_modules, "gpt_neox", NEOX) == NEOX, name

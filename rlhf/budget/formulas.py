@@ -30,7 +30,7 @@ activations   what autograd keeps, per GPT-NeoX layer and token (d = bytes of mo
 logits        SFT: transformers' loss upcasts the logits to fp32 and keeps the fp32 log-softmax for backward, whose
               gradient is another fp32 tensor: 12 bytes per batch x sequence x vocab element at the peak.
               PPO: only the response positions' logits (`logits_to_keep`), in model.dtype, with log-probs and
-              entropy computed in fp32 one chunk of <= DEFAULT_CHUNK_TOKENS at a time (`rlhf.ppo.core`).
+              entropy computed in fp32 one chunk of <= DEFAULT_CHUNK_TOKENS at a time (`rlhf.rl.core`).
 kv_cache      generation: 2 x layers x kv heads x head_dim x (prompt + response) x rollout batch x d.
 value_head    fp32 Linear(h, 1) and, in the update, the fp32 copy of the hidden states it reads.
 reward_model  the classifier's weights (its checkpoint dtype) and inference activations, on the GPU only when its
@@ -205,8 +205,8 @@ def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, d: int) -> int:
 
 
 def chunk_tokens(batch: int, length: int) -> int:
-    """Tokens in the largest fp32 chunk `rlhf.ppo.core` cuts logits [batch, length, V] into (by its own slicing)."""
-    from rlhf.ppo.chunks import DEFAULT_CHUNK_TOKENS, chunk_slices
+    """Tokens in the largest fp32 chunk `rlhf.rl.core` cuts logits [batch, length, V] into (by its own slicing)."""
+    from rlhf.rl.chunks import DEFAULT_CHUNK_TOKENS, chunk_slices
 
     chunks = chunk_slices(batch, length, DEFAULT_CHUNK_TOKENS)
     return max((len(range(batch)[rows]) * len(range(length)[tokens]) for rows, tokens in chunks), default=0)

@@ -92,8 +92,8 @@ def load_reward_spec(name: str) -> dict[str, Any]:
 
     A reward model of `rlhf reward` (RUN/reward) is {"adapter": {rank, targets, path}}, from its adapter's config; a
     RUN/reward that does not exist yet is {"adapter": {}}, planned from the recipe (`with_recipe`)."""
-    from rlhf.reward_model.files import reward_adapter_dir
     from rlhf.rewards import RewardSpec, load_spec
+    from rlhf.rl.reward_files import reward_adapter_dir
 
     adapter = reward_adapter_dir(name)
     if adapter is not None:

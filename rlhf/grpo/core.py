@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf.ppo.core import exact_div, kl_estimate, masked_mean, policy_loss
+from rlhf.rl.core import exact_div, kl_estimate, masked_mean, policy_loss
 
 ADVANTAGES = ("grpo", "rloo")
 

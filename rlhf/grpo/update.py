@@ -8,8 +8,8 @@ from torch import Tensor
 
 from rlhf.config import GrpoConfig
 from rlhf.grpo import core
-from rlhf.ppo.core import masked_mean
 from rlhf.rl import update
+from rlhf.rl.core import masked_mean
 from rlhf.rl.policy import Scored
 from rlhf.rl.rollout import Rollout
 from rlhf.rl.telemetry import Timer

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from rlhf.errors import UserError
-from rlhf.merge.io import TensorEntry
 from rlhf.resolve import looks_like_hub_id
+from rlhf.tensorfiles import TensorEntry
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the merge's own modules import torch; the budget's use of t
     import torch
 
     from rlhf.merge.adapters import MergePlan
-    from rlhf.merge.io import TensorEntry
+    from rlhf.tensorfiles import TensorEntry
 
 
 def working_set_bytes(numel: int, in_bytes: int, out_bytes: int, *, merged: bool, cast: bool) -> int:

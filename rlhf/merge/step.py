@@ -42,13 +42,10 @@ from rlhf.merge.card import model_card
 from rlhf.merge.combine import METHODS, combine_adapters
 from rlhf.merge.io import (
     ShardWriter,
-    TensorEntry,
-    checkpoint_entries,
     group_by_file,
     max_shard_bytes,
     output_dtype,
     plan_shards,
-    read_tensor,
     tensor_bytes,
     write_model_files,
 )
@@ -56,6 +53,7 @@ from rlhf.merge.ram import check_fits, predict_peak_ram
 from rlhf.merge.verify import MergeCheckFailed, PeftReference, check_rounding, probe_logits
 from rlhf.resolve import resolve_model
 from rlhf.runs import Run, existing_run
+from rlhf.tensorfiles import TensorEntry, checkpoint_entries, read_tensor
 from rlhf.units import format_bytes
 
 OUTPUT_DTYPES = ("float16", "bfloat16")  # what merge writes (merge.dtype)

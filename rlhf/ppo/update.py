@@ -10,6 +10,7 @@ from torch import Tensor
 from rlhf.config import PpoConfig
 from rlhf.ppo import core
 from rlhf.rl import update
+from rlhf.rl.core import masked_mean, policy_loss
 from rlhf.rl.policy import Scored
 from rlhf.rl.rollout import Rollout
 from rlhf.rl.telemetry import Timer
@@ -38,11 +39,11 @@ def optimise(
 
     def loss_fn(out: Scored, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         m = mask[idx]
-        pg, pg_stats = core.policy_loss(out.logprobs, rollout.logprobs[idx], advantages[idx], m, cfg.cliprange)
+        pg, pg_stats = policy_loss(out.logprobs, rollout.logprobs[idx], advantages[idx], m, cfg.cliprange)
         vf, vf_stats = core.value_loss(out.values, rollout.values[idx], returns[idx], m, cfg.cliprange_value)
         loss = pg + cfg.vf_coef * vf
         if cfg.entropy_coef > 0:  # a bonus: higher entropy lowers the loss
-            loss = loss - cfg.entropy_coef * core.masked_mean(out.entropy, m)
+            loss = loss - cfg.entropy_coef * masked_mean(out.entropy, m)
         return loss, {"policy_loss": pg, "value_loss": vf, **pg_stats, **vf_stats}
 
     result = update.run_epochs(

@@ -24,11 +24,11 @@ from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
-from rlhf.reward_model.files import INFO, SCORE_HEAD
 from rlhf.reward_model.loss import pair_stats
-from rlhf.reward_model.model import base_fingerprint
 from rlhf.reward_model.trainer import RewardTrainer
 from rlhf.rl import checkpoint
+from rlhf.rl.reward import base_fingerprint
+from rlhf.rl.reward_files import INFO, SCORE_HEAD
 from rlhf.rl.step import train_interruptibly
 from rlhf.runs import Run, merged_run_recipe
 
@@ -95,7 +95,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     if resume:
         check_resume_settings(trainer, trainer.load_checkpoint(), force)
     # Only now, with the data, model and checkpoint known to work, does the run directory change.
-    run.write_recipe(recipe)
+    run.write_recipe(recipe, "reward")
     if not resume:
         shutil.rmtree(run.reward_checkpoints, ignore_errors=True)
         for name in ("metrics.jsonl", "eval.json", "eval_before.json"):

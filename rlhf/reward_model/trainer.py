@@ -25,8 +25,8 @@ from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.reward_model.data import Pairs, load_pairs
 from rlhf.reward_model.loss import pair_stats, pairwise_loss
-from rlhf.reward_model.model import ScoreHead, sequence_scores
 from rlhf.rl import checkpoint
+from rlhf.rl.reward import ScoreHead, sequence_scores
 from rlhf.rl.telemetry import Log, peak_memory_bytes, progress
 from rlhf.runs import Run
 

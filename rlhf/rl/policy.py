@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rlhf.ppo.core import entropy_from_logits, logprobs_from_logits
+from rlhf.rl.core import entropy_from_logits, logprobs_from_logits
 from rlhf.rl.prompts import pad_right
 
 

@@ -122,7 +122,7 @@ def execute(
     before = json.loads(before_path.read_text()) if kept_before else trainer.evaluate()
     # Only now, with the model, reward, data and checkpoint known to work, does the run directory change.
     if main:
-        run.write_recipe(recipe)
+        run.write_recipe(recipe, step)
         if force and not resume and not restart:
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
             for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "eval_before.json"):
@@ -137,7 +137,8 @@ def execute(
     if main and not kept_before:
         atomic_write_json(before_path, before)
     if main and before:
-        task = f", accuracy {before['reward_' + name]:.2f}" if (name := accuracy_name(before, before, trainer)) else ""
+        accuracy = before.get(f"reward_{accuracy_name(before, before, trainer)}")
+        task = f", accuracy {accuracy:.2f}" if accuracy is not None else ""
         print(
             f"{step}: before: reward {before['reward']:.3f}, positive rate {before['positive_rate']:.2f}{task}",
             file=sys.stderr,

@@ -18,15 +18,15 @@ from rlhf.config import DataConfig, Recipe
 from rlhf.data import load_splits, load_texts
 from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
-from rlhf.ppo.core import masked_mean
-from rlhf.reward_model.files import reward_adapter_dir
-from rlhf.reward_model.model import SharedBaseReward, check_same_base
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
+from rlhf.rl.core import masked_mean
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
 from rlhf.rl.prompts import DatasetPrompts, PromptBatch, Prompts
+from rlhf.rl.reward import SharedBaseReward, check_same_base
+from rlhf.rl.reward_files import reward_adapter_dir
 from rlhf.rl.rollout import Rollout, collect
 from rlhf.rl.telemetry import Log, Timer, peak_memory_bytes, progress
 from rlhf.runs import Run

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rlhf.ppo import core
+from rlhf.rl import core
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Scored
 from rlhf.rl.rollout import Rollout, partition

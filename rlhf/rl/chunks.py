@@ -1,5 +1,5 @@
 """How log-probs and entropy cut logits into fp32 chunks: torch-free, so that the memory budget sizes the largest
-chunk by the very slicing `rlhf.ppo.core` uses, without importing torch."""
+chunk by the very slicing `rlhf.rl.core` uses, without importing torch."""
 
 from __future__ import annotations
 

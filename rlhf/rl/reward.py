@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from rlhf.errors import UserError
-from rlhf.reward_model.files import INFO, SCORE_HEAD
 from rlhf.rl.policy import position_ids_for
+from rlhf.rl.reward_files import INFO, SCORE_HEAD
 
 REWARD_ADAPTER = "reward"  # the adapter's name inside the policy's PEFT model
 FINGERPRINT_BYTES = 4096
@@ -64,7 +64,7 @@ def base_fingerprint(model_dir: Path) -> str:
     """A digest of a model directory's weights that survives copying or moving the run: config.json and, for every
     tensor, its name, dtype, shape and first FINGERPRINT_BYTES bytes. Two merges of different adapters differ in
     every adapted matrix, so they differ here; reading a few KiB per tensor costs a second even for gpt-neox-20b."""
-    from rlhf.merge.io import checkpoint_entries
+    from rlhf.tensorfiles import checkpoint_entries
 
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for entry in checkpoint_entries(model_dir):
