@@ -259,16 +259,14 @@ def _import_callable(spec: RewardSpec) -> Callable:
 
 
 def takes_kwargs(func: Callable) -> bool:
-    """TRL's convention (`completions` and keyword arguments) rather than the older `f(texts)`: a function taking
-    **kwargs, a parameter named `completions`, or more than one parameter."""
+    """TRL's convention (called with keywords: `completions`, `prompts`, ...) rather than the older `f(texts)`: a
+    parameter named `completions`, a first parameter named `prompts`, or keyword arguments only."""
     try:
-        params = inspect.signature(func).parameters.values()
+        params = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: TRL's convention, the documented one
         return True
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return True
-    names = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    return "completions" in names or len(names) > 1
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.name == "completions" for p in params) or not positional or positional[0].name == "prompts"
 
 
 class CallableReward:
@@ -284,8 +282,8 @@ class CallableReward:
         n = len(texts)
         return self.score_samples(Samples([""] * n, list(texts), list(texts), [[] for _ in texts]))
 
-    def values(self, samples: Samples) -> list[float]:
-        """The function's values, None as NaN; a UserError naming the function and the first bad sample."""
+    def values(self, samples: Samples) -> list[float | None]:
+        """The function's values (None: does not apply); a UserError naming the function and the first bad sample."""
         n = len(samples)
         if self.trl_style:
             kwargs = {"prompts": list(samples.prompts), "completion_ids": list(samples.completion_ids),
@@ -320,7 +318,7 @@ class CallableReward:
         values = []
         for i, v in enumerate(out):
             if v is None:
-                values.append(math.nan)
+                values.append(None)
                 continue
             if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # a 0-d tensor or numpy scalar
                 v = v.item()
@@ -329,7 +327,8 @@ class CallableReward:
                     f"{self.label} returned {_short(v)} ({type(v).__name__}) for {samples.describe(i)}; return a "
                     f"float, or None where the reward does not apply"
                 )
-            if not math.isfinite(float(v)):
+            # An older f(texts) reward's NaN/inf is left to the non-finite guard, which skips the batch, as before.
+            if not math.isfinite(float(v)) and self.trl_style:
                 raise UserError(
                     f"{self.label} returned {float(v)} for {samples.describe(i)}; return a finite float, or None "
                     f"where the reward does not apply"
@@ -340,9 +339,18 @@ class CallableReward:
     def score_samples(self, samples: Samples) -> Scores:
         import torch
 
-        values = torch.tensor(self.values(samples), dtype=torch.float32)
-        total = torch.nan_to_num(values, nan=0.0)  # a reward that does not apply adds nothing (TRL's nansum)
-        return Scores(total, total > 0, {self.spec.name: values})
+        values = self.values(samples)
+        # A reward that does not apply adds nothing (TRL's nansum); an older reward's NaN stays for the guard.
+        total = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float32)
+        # A task reward's own values, for its accuracy and its columns; an older text scorer is logged as before.
+        components = {self.spec.name: _with_nan(values)} if self.trl_style else {}
+        return Scores(total, total > 0, components)
+
+
+def _with_nan(values: list[float | None]) -> torch.Tensor:
+    import torch
+
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
 
 
 class WeightedReward:
@@ -370,7 +378,7 @@ class WeightedReward:
         total = torch.zeros(len(samples))
         for part, reward in self.parts:
             if isinstance(reward, CallableReward):
-                values = torch.tensor(reward.values(samples), dtype=torch.float32)
+                values = _with_nan(reward.values(samples))
             else:
                 values = reward.score_samples(samples).scores.float()
             components[part.name] = values

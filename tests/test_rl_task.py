@@ -247,7 +247,10 @@ def test_reward_functions_get_trl_arguments_and_old_text_callables_still_work(tm
                      "completions]\n")  # fmt: skip
     assert chat.score_samples(_samples(chat=True)).scores.tolist() == [1.0, 1.0, 1.0]
     old = _callable(tmp_path, "def f(texts):\n    return [len(t) for t in texts]\n")
-    assert old.score_samples(_samples()).scores.tolist() == [4.0, 4.0, 4.0], "prompt + completion texts"
+    scored = old.score_samples(_samples())
+    assert scored.scores.tolist() == [4.0, 4.0, 4.0] and not scored.components, "prompt + completion, as before"
+    both = _callable(tmp_path, "def f(texts, **kwargs):\n    return [float(t == 'q0a0') for t in texts]\n")
+    assert both.score_samples(_samples()).scores.tolist() == [1.0, 0.0, 0.0], "a first parameter `texts`: older kind"
 
 
 @pytest.mark.parametrize(

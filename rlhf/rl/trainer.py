@@ -158,7 +158,7 @@ class RLTrainer(ABC):
             )
         columns = splits[source.train_split].column_names
         if cfg.prompt_column not in columns:
-            if cfg.dataset is None and "prompt_column" not in cfg.model_fields_set:
+            if cfg.dataset is None and cfg.prompt_column == "prompt":
                 return None  # a text corpus: today's document-prefix prompts
             raise UserError(
                 f"dataset '{source.dataset}' has no column '{cfg.prompt_column}' to take prompts from; its columns "
@@ -311,7 +311,9 @@ class RLTrainer(ABC):
             if row is None:
                 continue
             bar.update(1)
-            each = {k.removeprefix("reward_"): f"{row[k]:.2f}" for k in self.component_keys if row.get(k) is not None}
+            # Each reward of a weighted spec on its own (one reward alone is the reward column already).
+            keys = self.component_keys if len(self.component_keys) > 1 else []
+            each = {k.removeprefix("reward_"): f"{row[k]:.2f}" for k in keys if row.get(k) is not None}
             bar.set_postfix(
                 reward=f"{row['reward_mean']:.2f}", **each, kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}",
                 tok_s=f"{row['tokens_per_s']:.0f}", gen=f"{100 * row['generate_share']:.0f}%",
