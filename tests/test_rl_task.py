@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from conftest import cli
@@ -296,3 +297,23 @@ def test_weighted_sum_of_the_rewards_that_apply(tmp_path):
     scored = WeightedReward(load_spec(str(spec))).score_samples(_samples())
     assert scored.scores.tolist() == [1.0, 0.5, 0.0] and scored.positive.tolist() == [True, True, False]
     assert scored.components["one"].tolist() == [1.0] * 3 and math.isnan(scored.components["some"][0])
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not installed")
+def test_rows_follow_their_prompts_on_two_processes(merged_run, task):
+    """Data parallel: each rank draws its own prompts, and each sample reaches the reward with its own row."""
+    from test_distributed import _launch
+
+    run = task["dir"] / "run"
+    shutil.copytree(merged_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    _launch("grpo", "--run", str(run), "--reward", str(task["spec"]), f"grpo.dataset={task['data']}", *SMALL,
+            "grpo.max_steps=2", env={"RLHF_TEST_RECORD": str(task["record"])})  # fmt: skip
+    calls = _calls(task["record"])
+    by_rank = {r: [c["keys"] for c in calls if c["rank"] == r] for r in (0, 1)}
+    assert len(by_rank[0]) == len(by_rank[1]) == 6  # evaluation before (2), 2 steps, evaluation after (2)
+    assert by_rank[0][0] == by_rank[1][0], "the same held-out prompts on every rank"
+    for step in (2, 3):
+        ours, theirs = by_rank[0][step], by_rank[1][step]
+        assert all(len(set(keys[g : g + 4])) == 1 for keys in (ours, theirs) for g in range(0, 16, 4))
+        assert not set(ours) & set(theirs), "the ranks' prompts differ"
+    assert [r["step"] for r in read_jsonl(run / "grpo/metrics.jsonl")] == [1, 2]
