@@ -32,7 +32,8 @@ class ModelConfig(Section):
     llm_int8_threshold: float = Field(6.0, ge=0.0)
     trust_remote_code: bool = False
     chat_template: str | None = Field(
-        None, description="a Jinja chat template for conversational data where the tokenizer has none"
+        None,
+        description="for conversational data: chatml, a .jinja file, or the template text; wins over the tokenizer's",
     )
 
 
@@ -68,6 +69,11 @@ class DataConfig(Section):
     train_split: str = "train"
     eval_split: str = "test"
     text_column: str = "text"
+    format: Literal["auto", "text", "prompt-completion", "messages"] = Field(
+        "auto",
+        description="SFT rows: auto picks prompt+completion, then messages, then text_column; the loss counts only the "
+        "completion / assistant tokens of the first two",
+    )
     min_chars: int = Field(0, ge=0, description="drop documents shorter than this many characters")
     max_documents: int | None = Field(None, ge=1, description="use only the first N documents (after filtering)")
 
@@ -97,6 +103,12 @@ class MergeConfig(Section):
     dtype: Literal["float16", "bfloat16"] = "float16"
     max_shard_size: str = "2GB"
     tolerance: float = Field(5e-2, gt=0, description="max |merged - (base + adapter)| logit difference allowed")
+    # An adapter trained on an NF4 base learned against the dequantized weights; `dequantized` merges it into those
+    # (every layer bitsandbytes quantized, rounded through NF4 as the training load did), `original` into the
+    # checkpoint's own. Measured differences: docs/memory.md.
+    base_weights: Literal["original", "dequantized"] = Field(
+        "original", description="merge into the original weights, or (after 4-bit sft) into their NF4 dequantization"
+    )
 
 
 class GenerationConfig(Section):
@@ -282,6 +294,13 @@ class GrpoConfig(RLConfig):
                 f"mini_batch_size ({self.mini_batch_size}) must be exactly divisible by "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
+        if self.kl_in == "reward" and self.advantage == "grpo" and self.beta > 0:
+            # GRPO's advantage divides by the group's score spread, the KL penalty included: beta would weigh the KL
+            # differently in every group (trl offers the KL in the reward for RLOO only).
+            problems.append(
+                "kl_in=reward with advantage=grpo divides beta x KL by each group's score spread, so beta loses its "
+                "meaning; use advantage=rloo with kl_in=reward, or kl_in=loss with advantage=grpo"
+            )
         problems += self.common_problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -296,6 +315,9 @@ class RewardConfig(Section):
         None,
         description="a reward spec whose classifier decides `positive` (the positive rate) while the score comes "
         "from `name`: an independent judge for a learned reward",
+    )
+    device: Literal["auto", "cpu", "cuda"] | None = Field(
+        None, description="where a classifier reward (and judge) runs; overrides the spec's device (cpu frees the GPU)"
     )
 
 
@@ -398,6 +420,25 @@ def _model_for(path: tuple[str, ...], root: type[BaseModel] | None = None) -> ty
     return model
 
 
+def _did_you_mean(section: tuple[str, ...], name: str, model: type[BaseModel] | None, root) -> str:
+    """' (did you mean sft.max_steps?)': the same key in a section, for a key given without one (max_steps=5), or a
+    close spelling in its own section (lora.rnak)."""
+    import difflib
+
+    if not section and (root or Recipe) is Recipe:
+        owners = [
+            f"{field}.{name}"
+            for field, info in Recipe.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+            and name in info.annotation.model_fields
+        ]  # fmt: skip
+        if owners:
+            listed = ", ".join(owners[:-1]) + f" or {owners[-1]}" if len(owners) > 1 else owners[0]
+            return f" (did you mean {listed}?)"
+    close = difflib.get_close_matches(name, list(model.model_fields) if model else [], n=1)
+    return f" (did you mean '{'.'.join((*section, close[0]))}'?)" if close else ""
+
+
 def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
     """One validation error as a sentence; `root` is the model validated (default: the Recipe)."""
     loc = tuple(str(p) for p in error["loc"])
@@ -408,7 +449,8 @@ def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str
         model = _model_for(section, root)
         valid = ", ".join(model.model_fields) if model else "?"
         where = f"section '{'.'.join(section)}'" if section else "the top level"
-        return f"unknown key '{key}'; valid keys in {where}: {valid}"
+        hint = _did_you_mean(section, loc[-1], model, root)
+        return f"unknown key '{key}'{hint}; valid keys in {where}: {valid}"
     if kind == "value_error":
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return f"'{key}': {message}" if key else message

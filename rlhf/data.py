@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +75,9 @@ def load_splits(cfg: DataConfig, setting: str = "data.dataset"):
     return _load_local(snapshot, cfg.config_name, setting)
 
 
-def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None) -> list[str]:
-    """The filtered text column of one split."""
+def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None, setting: str | None = None) -> list[str]:
+    """The filtered text column of one split. `min_chars` raises data.min_chars; `setting` is the recipe key that set
+    it, and the documents it drops are counted on stderr under that name."""
     splits = load_splits(cfg)
     if split not in splits:
         raise UserError(
@@ -97,13 +100,22 @@ def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None) -> lis
             f"set data.text_column to a column of text{hint}"
         )
     limit = cfg.min_chars if min_chars is None else max(cfg.min_chars, min_chars)
+    if setting and limit > cfg.min_chars and int(os.environ.get("RANK", "0")) == 0:
+        short = sum(1 for t in column if isinstance(t, str) and t.strip() and cfg.min_chars < len(t) <= limit)
+        if short:
+            print(
+                f"{setting.split('.')[0]}: {short} of {len(column)} '{split}' documents have {limit} characters or "
+                f"fewer and are left out ({setting}={limit})",
+                file=sys.stderr,
+            )
     texts = [t for t in column if isinstance(t, str) and len(t) > limit and t.strip()]
     if cfg.max_documents is not None:
         texts = texts[: cfg.max_documents]
     if not texts:
         raise UserError(
             f"dataset '{cfg.dataset}' split '{split}' is empty after filtering "
-            f"({len(ds)} documents, none longer than {limit} characters); lower data.min_chars or check the data"
+            f"({len(ds)} documents, none longer than {limit} characters); lower "
+            f"{setting if setting and limit > cfg.min_chars else 'data.min_chars'} or check the data"
         )
     return texts
 
@@ -154,3 +166,175 @@ def tokenize_blocks(texts: list[str], tokenizer, block_size: int, pack: bool) ->
         masks.append([1] * len(doc) + [0] * n_pad)
         labels.append(doc + [-100] * n_pad)
     return Blocks(ids, masks, labels, len(docs), truncated)
+
+
+# --- SFT on a task: prompt/completion pairs and conversations, loss on the answer only -------------------------------
+
+SFT_FORMATS = ("text", "prompt-completion", "messages")
+
+
+def sft_format(columns: list[str], cfg: DataConfig) -> str:
+    """Which SFT format the rows have, by TRL's column names: prompt + completion, then messages, then plain text."""
+    if cfg.format == "auto":
+        if "prompt" in columns and "completion" in columns:
+            return "prompt-completion"
+        return "messages" if "messages" in columns else "text"
+    needed = {"text": [cfg.text_column], "prompt-completion": ["prompt", "completion"], "messages": ["messages"]}
+    missing = [c for c in needed[cfg.format] if c not in columns]
+    if missing:
+        raise UserError(
+            f"dataset '{cfg.dataset}' has no column {', '.join(repr(c) for c in missing)} for data.format="
+            f"{cfg.format}; its columns are: {', '.join(columns)}"
+        )
+    return cfg.format
+
+
+@dataclass
+class SftData:
+    """One split's SFT rows: `format` text (rows are strings), prompt-completion (rows are (prompt, completion)
+    pairs, each a string or a list of messages) or messages (rows are conversations)."""
+
+    format: str
+    rows: list
+
+
+def load_sft_data(cfg: DataConfig, split: str) -> SftData:
+    """The rows `rlhf sft` trains on; plain text goes through `load_texts` (filters and all) as before."""
+    from rlhf.chat import check_messages, is_conversation
+
+    splits = load_splits(cfg)
+    if split not in splits:
+        raise UserError(
+            f"dataset '{cfg.dataset}' has no split '{split}'; its splits are: {', '.join(splits)} "
+            f"(set data.train_split / data.eval_split)"
+        )
+    ds = splits[split]
+    fmt = sft_format(ds.column_names, cfg)
+    if fmt == "text":
+        return SftData("text", load_texts(cfg, split))
+    if cfg.max_documents is not None:
+        ds = ds.select(range(min(cfg.max_documents, len(ds))))
+    if len(ds) == 0:
+        raise UserError(f"dataset '{cfg.dataset}' split '{split}' has no rows")
+    rows: list = []
+    if fmt == "messages":
+        for i, messages in enumerate(ds["messages"]):
+            rows.append(check_messages(messages, f"dataset '{cfg.dataset}' [{split}] row {i}, column 'messages'"))
+        return SftData(fmt, rows)
+    for i, (prompt, completion) in enumerate(zip(ds["prompt"], ds["completion"])):
+        where = f"dataset '{cfg.dataset}' [{split}] row {i}"
+        if isinstance(prompt, str) and isinstance(completion, str):
+            rows.append((prompt, completion))
+        elif is_conversation(prompt) and is_conversation(completion):
+            rows.append(
+                (check_messages(prompt, where + ", 'prompt'"), check_messages(completion, where + ", 'completion'"))
+            )
+        else:
+            raise UserError(
+                f"{where}: prompt and completion must both be strings or both lists of {{role, content}} messages "
+                f"(got {type(prompt).__name__} and {type(completion).__name__})"
+            )
+    return SftData(fmt, rows)
+
+
+@dataclass
+class Encoded:
+    """One example's ids and which of them the loss counts (1) or ignores (0)."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    prompt_merged: bool = False  # the prompt's last tokens merged with the completion's first (see encode_pair)
+
+
+def encode_pair(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> Encoded:
+    """Prompt + completion as one sequence whose completion tokens alone count, as TRL's SFT builds it.
+
+    The completion starts where the ids of the prompt alone and of prompt + completion part (normally right after
+    the prompt; earlier when the tokenizer merges across the boundary or the template renders the generation prompt
+    differently). Plain completions end with EOS so the model learns to stop; a chat template ends the turn itself.
+    """
+    from rlhf.chat import common_prefix_length, encode_prompt, render_ids
+
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if isinstance(prompt, list):
+        full = render_ids(tokenizer, prompt + completion, add_generation_prompt=False)
+    else:
+        full = list(tokenizer(prompt + completion)["input_ids"])
+        if not full or full[-1] != tokenizer.eos_token_id:
+            full.append(tokenizer.eos_token_id)
+    start = common_prefix_length(prompt_ids, full)
+    return Encoded(full, [0] * start + [1] * (len(full) - start), start < len(prompt_ids))
+
+
+def _has_generation_block(template: str | None) -> bool:
+    import re
+
+    return bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> Encoded:
+    """A conversation whose assistant turns alone count.
+
+    A template that marks assistant turns with `{% generation %}` gives the mask itself (transformers'
+    `return_assistant_tokens_mask`, what TRL's `assistant_only_loss` uses). Most hub templates have no such marks
+    (SmolLM2's, Llama 3's), and TRL then refuses; here each assistant turn is found instead as the ids between the
+    conversation before it with the generation prompt and the conversation up to its end — the same prefix rule as a
+    prompt-completion pair.
+    """
+    from rlhf.chat import common_prefix_length, render_ids
+
+    if _has_generation_block(getattr(tokenizer, "chat_template", None)):
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return Encoded(list(out["input_ids"]), [int(m) for m in out["assistant_masks"]])
+    full = render_ids(tokenizer, messages, add_generation_prompt=False)
+    mask = [0] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        start = common_prefix_length(render_ids(tokenizer, messages[:i], add_generation_prompt=True), full)
+        end = common_prefix_length(render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False), full)
+        mask[start:end] = [1] * (end - start)
+    return Encoded(full, mask)
+
+
+@dataclass
+class Examples(Blocks):
+    """SFT examples of varying length (padded per batch by the collator), with what tokenizing them found."""
+
+    n_dropped: int = 0  # examples with no token left to learn from (none was the answer, or all were cut off)
+    n_prompt_merged: int = 0
+
+
+def tokenize_examples(data: SftData, tokenizer, block_size: int) -> Examples:
+    """Prompt-completion pairs or conversations as examples, labels -100 outside the completion / assistant turns.
+
+    An example longer than `block_size` keeps its first `block_size` tokens (as TRL truncates to max_length); one left
+    with no counted token is dropped. Both are counted, and `rlhf preview` reports them.
+    """
+    from rlhf.chat import require_chat_template
+
+    conversational = data.format == "messages" or isinstance(data.rows[0][0], list)
+    if conversational:
+        require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
+    ids, masks, labels = [], [], []
+    truncated = dropped = merged = 0
+    for row in data.rows:
+        enc = encode_conversation(tokenizer, row) if data.format == "messages" else encode_pair(tokenizer, *row)
+        merged += enc.prompt_merged
+        truncated += len(enc.input_ids) > block_size
+        seq, keep = enc.input_ids[:block_size], enc.loss_mask[:block_size]
+        if not any(keep[1:]):  # position 0 is never predicted: a causal LM's loss starts at the second token
+            dropped += 1
+            continue
+        ids.append(seq)
+        masks.append([1] * len(seq))
+        labels.append([t if k else -100 for t, k in zip(seq, keep)])
+    if not ids:
+        what = "assistant turns" if data.format == "messages" else "completions"
+        raise UserError(
+            f"no SFT example has a token to learn from: all {len(data.rows)} {what} are empty or lie past "
+            f"sft.block_size={block_size}; raise sft.block_size or check the data"
+        )
+    return Examples(ids, masks, labels, len(data.rows), truncated, n_dropped=dropped, n_prompt_merged=merged)

@@ -94,6 +94,21 @@ def atomic_dir(path: Path | str, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
+def recover_atomic_dirs(parent: Path | str, name_glob: str = "*") -> None:
+    """Clean up after `atomic_dir`s that were killed in `parent` (for targets matching `name_glob`): a temporary
+    directory (`.NAME.*.tmp`) is an unfinished write and goes; a `.NAME.old-*` is the previous complete version, put
+    back as NAME when the new one never arrived, removed when it did."""
+    parent = Path(parent)
+    for old in parent.glob(f".{name_glob}.old-*"):
+        target = parent / old.name[1:].rpartition(".old-")[0]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+    for tmp in parent.glob(f".{name_glob}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def append_jsonl(path: Path | str, row: dict[str, Any]) -> None:
     """Append one JSON line and flush it to disk, so a killed run keeps every row it logged."""
     path = Path(path)

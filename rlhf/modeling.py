@@ -59,10 +59,14 @@ def quantization_config(cfg: ModelConfig):
     )
 
 
-def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The model's tokenizer, with a pad id, and with `chat_template` (model.chat_template) when the recipe sets one."""
     from transformers import AutoTokenizer
 
+    from rlhf.chat import set_chat_template
+
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    set_chat_template(tokenizer, chat_template)
     if tokenizer.pad_token_id is None:
         # GPT-NeoX has no pad token. Padding is always masked by the attention mask and never by token id, so using
         # EOS as the pad id cannot hide a real EOS from the loss.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rlhf import modeling
 from rlhf.config import Recipe
-from rlhf.data import load_texts, tokenize_blocks
+from rlhf.data import SftData, load_sft_data, tokenize_blocks, tokenize_examples
 from rlhf.resolve import resolve_model
 
 SHOWN_TOKENS = 64
@@ -69,10 +69,33 @@ def check(tokenizer, texts: list[str], blocks, recipe: Recipe) -> list[str]:
     return warnings
 
 
+def task_checks(blocks, recipe: Recipe) -> list[str]:
+    """Warnings for prompt-completion pairs and conversations."""
+    warnings = []
+    if blocks.n_truncated:
+        warnings.append(
+            f"{blocks.n_truncated} of {blocks.n_documents} examples are longer than sft.block_size="
+            f"{recipe.sft.block_size} and lose their end; raise block_size"
+        )
+    if blocks.n_dropped:
+        warnings.append(f"{blocks.n_dropped} examples have no token to learn from within the block and are left out")
+    if blocks.n_prompt_merged:
+        warnings.append(
+            f"in {blocks.n_prompt_merged} examples the prompt's last tokens merge with the completion's first (or the "
+            "template renders the prompt alone differently): training sees a prompt end that generation will not; end "
+            "prompts on a token boundary (e.g. a space or newline at the start of the completion, not the prompt's end)"
+        )
+    return warnings
+
+
 def main(recipe: Recipe, n: int) -> None:
     model_dir = resolve_model(recipe.model.name, recipe.model.revision)
-    tokenizer = modeling.load_tokenizer(model_dir, recipe.model.trust_remote_code)
-    texts = load_texts(recipe.data, recipe.data.train_split)
+    tokenizer = modeling.load_tokenizer(model_dir, recipe.model.trust_remote_code, recipe.model.chat_template)
+    data = load_sft_data(recipe.data, recipe.data.train_split)
+    if data.format != "text":
+        _main_task(recipe, tokenizer, data, n)
+        return
+    texts = data.rows
     # Enough documents to fill n blocks; tokenizing the whole dataset just to show a few would be slow.
     sample, blocks = texts[: max(n, 1)], None
     while True:
@@ -109,3 +132,31 @@ def main(recipe: Recipe, n: int) -> None:
         print(f"warning: {w}")
     if not warnings:
         print("checks: EOS ends each document, no truncation, no double BOS, prompts tokenized as in training: ok")
+
+
+def _main_task(recipe: Recipe, tokenizer, data: SftData, n: int) -> None:
+    """Prompt-completion pairs or conversations: each example with the tokens that count in the loss marked."""
+    examples = tokenize_examples(data, tokenizer, recipe.sft.block_size)
+    what = "the completion" if data.format == "prompt-completion" else "the assistant turns"
+    print(f"preview: {recipe.data.dataset} [{recipe.data.train_split}] -> {recipe.model.name} tokenizer")
+    print(
+        f"  {data.format} rows: one example each, up to sft.block_size {recipe.sft.block_size} tokens; the loss counts "
+        f"{what} only (TRL's completion-only / assistant-only loss); EOS id {tokenizer.eos_token_id} "
+        f"({tokenizer.eos_token!r})"
+    )
+    for i in range(min(n, len(examples))):
+        ids, labels = examples.input_ids[i], examples.labels[i]
+        counted = [t for pos, (t, lab) in enumerate(zip(ids, labels)) if lab != -100 and pos > 0]
+        print(f"\n=== example {i}: {len(ids)} tokens, {len(counted)} counted in the loss")
+        print("text:   ", repr(tokenizer.decode(ids)[:600]))
+        print("counted:", repr(tokenizer.decode(counted)))
+        print("   pos      id  token                in loss")
+        print("\n".join(_token_view(tokenizer, ids, labels, SHOWN_TOKENS)))
+        if len(ids) > SHOWN_TOKENS:
+            print(f"  ... {len(ids) - SHOWN_TOKENS} more")
+    warnings = task_checks(examples, recipe)
+    print()
+    for w in warnings:
+        print(f"warning: {w}")
+    if not warnings:
+        print("checks: no example cut by the block, each has tokens to learn, prompts end on a token boundary: ok")

@@ -424,8 +424,12 @@ class Judged:
         return Scores(scored.scores, score_samples(self.judge, samples).positive, scored.components)
 
 
-def load_reward(name_or_path: str) -> ClassifierReward | CallableReward | WeightedReward:
+def load_reward(name_or_path: str, device: str | None = None) -> ClassifierReward | CallableReward | WeightedReward:
+    """The reward a spec names; `device` (the recipe's reward.device) overrides the spec's (and its parts')."""
     spec = load_spec(name_or_path)
+    if device is not None:
+        parts = [p.model_copy(update={"device": device}) for p in spec.rewards] if spec.rewards else None
+        spec = spec.model_copy(update={"device": device, "rewards": parts})
     if spec.type == "adapter":
         raise UserError(
             f"{name_or_path} is a reward model of `rlhf reward`: it scores only inside `rlhf ppo --reward`, on the "

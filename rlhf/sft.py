@@ -20,7 +20,7 @@ import torch
 
 from rlhf import modeling
 from rlhf.config import Recipe
-from rlhf.data import load_texts, tokenize_blocks
+from rlhf.data import load_sft_data, tokenize_blocks, tokenize_examples
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, trim_jsonl
 from rlhf.resolve import check_weights, resolve_model
@@ -117,6 +117,55 @@ def _metrics_callback(path: Path):
     return MetricsToJsonl()
 
 
+def _progress_callback(tokens_per_step: float, vocab_size: int):
+    """rlhf's own progress for SFT, as the RL steps show it: one bar (steps, loss, tokens/s, ETA) on rank 0, and a
+    one-line hint when the loss stays above a uniform guess. It replaces transformers' printer, which prints each
+    logged step as a quoted dictionary."""
+    from transformers import TrainerCallback
+
+    from rlhf.report import sft_loss_hint
+    from rlhf.rl.telemetry import progress
+
+    class Progress(TrainerCallback):
+        bar = None
+        hinted = False
+        loss = rate = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.first = time.perf_counter(), state.global_step
+            self.bar = progress("sft", state.max_steps, state.global_step, state.is_world_process_zero)
+
+        def show(self) -> None:
+            parts = [f"loss={self.loss:.4f}"] if self.loss is not None else []
+            parts += [f"tok/s={self.rate:,.0f}"] if self.rate is not None else []
+            self.bar.set_postfix_str(", ".join(parts), refresh=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seconds = time.perf_counter() - self.started
+            if seconds > 0 and state.global_step > self.first:
+                self.rate = tokens_per_step * (state.global_step - self.first) / seconds
+            self.show()
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or self.bar is None:
+                return
+            self.loss = float(logs["loss"])
+            self.show()
+            # After the first steps: a loss still above ln(vocabulary) learns nothing from its data.
+            if not self.hinted and state.global_step >= min(10, max(1, state.max_steps // 3)):
+                hint = sft_loss_hint(float(logs["loss"]), vocab_size)
+                if hint and state.is_world_process_zero:
+                    self.bar.write(f"sft: warning: {hint}", file=sys.stderr)
+                self.hinted = bool(hint)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return Progress()
+
+
 def _training_arguments(recipe: Recipe, run: Run):
     from transformers import TrainingArguments
 
@@ -150,7 +199,7 @@ def _training_arguments(recipe: Recipe, run: Run):
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
-        disable_tqdm=not sys.stderr.isatty() and os.environ.get("RLHF_PROGRESS") != "1",
+        disable_tqdm=True,  # rlhf's own bar (_progress_callback) instead
     )
 
 
@@ -185,9 +234,12 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
 
     set_seed(recipe.sft.seed)
     model_dir = resolve_model(recipe.model.name, recipe.model.revision)
-    tokenizer = modeling.load_tokenizer(model_dir, recipe.model.trust_remote_code)
-    texts = load_texts(recipe.data, recipe.data.train_split)
-    blocks = tokenize_blocks(texts, tokenizer, recipe.sft.block_size, recipe.sft.pack)
+    tokenizer = modeling.load_tokenizer(model_dir, recipe.model.trust_remote_code, recipe.model.chat_template)
+    data = load_sft_data(recipe.data, recipe.data.train_split)
+    if data.format == "text":
+        blocks = tokenize_blocks(data.rows, tokenizer, recipe.sft.block_size, recipe.sft.pack)
+    else:
+        blocks = tokenize_examples(data, tokenizer, recipe.sft.block_size)
     base = modeling.load_base(recipe.model, model_dir)
     modeling.prepare_for_training(base, recipe.sft.gradient_checkpointing)
     model = modeling.add_lora(base, recipe.lora)
@@ -198,18 +250,24 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     if is_main_process():
         print(
             f"sft: {recipe.model.name} ({recipe.model.quantization}), LoRA r={recipe.lora.rank} on "
-            f"{','.join(targets)}: {trainable:,} trainable of {total:,} parameters; "
-            f"{len(blocks)} blocks of {recipe.sft.block_size} tokens from {blocks.n_documents} documents",
+            f"{','.join(targets)}: {trainable:,} trainable of {total:,} parameters; {_data_line(data.format, blocks)}",
             file=sys.stderr,
         )
 
     # --- train ---
     import datasets
-    from transformers import Trainer, default_data_collator
+    from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
     train_set = datasets.Dataset.from_dict(
         {"input_ids": blocks.input_ids, "attention_mask": blocks.attention_mask, "labels": blocks.labels}
     )
+    if data.format == "text":
+        collator = default_data_collator  # blocks are all block_size long
+    else:
+        # Task examples vary in length: pad each batch to its longest (labels with -100), on the right, where the
+        # attention mask hides the padding and the positions of the real tokens stay 0..n-1.
+        tokenizer.padding_side = "right"
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     metrics_path = run.sft_dir / "metrics.jsonl"
     if is_main_process():
         _trim_metrics(metrics_path, checkpoint)
@@ -217,9 +275,17 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
         model=model,
         args=_training_arguments(recipe, run),
         train_dataset=train_set,
-        data_collator=default_data_collator,
+        data_collator=collator,
         callbacks=[_metrics_callback(metrics_path)],
     )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for printer in (PrinterCallback, ProgressCallback):  # quoted loss dictionaries: the bar below shows the loss
+        trainer.remove_callback(printer)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    filled = sum(map(sum, blocks.attention_mask)) / max(1, len(blocks))  # tokens a block: padding is no work done
+    per_step = filled * recipe.sft.batch_size * recipe.sft.gradient_accumulation_steps * world
+    trainer.add_callback(_progress_callback(per_step, base.config.vocab_size))
     output = trainer.train(resume_from_checkpoint=checkpoint)
 
     # --- save ---
@@ -227,7 +293,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     if trainer.is_world_process_zero():
         with atomic_dir(adapter_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-            atomic_write_text(tmp / "README.md", _adapter_card(recipe, targets, output.global_step))
+            atomic_write_text(tmp / "README.md", _adapter_card(recipe, targets, output.global_step, data.format))
     rows = read_jsonl(metrics_path)
     final_loss = rows[-1]["loss"] if rows else float(output.training_loss)
     if not math.isfinite(final_loss):
@@ -244,16 +310,35 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     return SftResult(run, adapter_dir, output.global_step, final_loss, seconds, model)
 
 
+def _data_line(fmt: str, blocks) -> str:
+    if fmt == "text":
+        return f"{len(blocks)} blocks of {max(map(len, blocks.input_ids))} tokens from {blocks.n_documents} documents"
+    counted = sum(lab != -100 for labels in blocks.labels for lab in labels[1:])
+    total = sum(map(len, blocks.input_ids))
+    dropped = f", {blocks.n_dropped} dropped (nothing to learn within sft.block_size)" if blocks.n_dropped else ""
+    return (
+        f"{len(blocks)} {fmt} examples of up to {max(map(len, blocks.input_ids))} tokens{dropped}; the loss counts "
+        f"{counted:,} of their {total:,} tokens ({'completions' if fmt == 'prompt-completion' else 'assistant turns'})"
+    )
+
+
 def _trim_metrics(path: Path, checkpoint: str | None) -> None:
     """On resume keep the rows up to the checkpoint's step, so every step is logged exactly once; else start empty."""
     trim_jsonl(path, int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0)
 
 
-def _adapter_card(recipe: Recipe, targets: list[str], steps: int) -> str:
+def _data_columns(recipe: Recipe, fmt: str) -> str:
+    if fmt == "text":
+        return f"column `{recipe.data.text_column}`"
+    what = "`prompt` + `completion`" if fmt == "prompt-completion" else "`messages`"
+    return f"{what}, loss on the {'completion' if fmt == 'prompt-completion' else 'assistant'} tokens only"
+
+
+def _adapter_card(recipe: Recipe, targets: list[str], steps: int, fmt: str) -> str:
     return (
         f"# LoRA adapter (rlhf sft)\n\n"
         f"- base model: {recipe.model.name} ({recipe.model.quantization})\n"
-        f"- data: {recipe.data.dataset} [{recipe.data.train_split}], column `{recipe.data.text_column}`\n"
+        f"- data: {recipe.data.dataset} [{recipe.data.train_split}], {_data_columns(recipe, fmt)}\n"
         f"- LoRA: r={recipe.lora.rank}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout}, "
         f"targets {', '.join(targets)}\n"
         f"- steps: {steps}, block size {recipe.sft.block_size}, learning rate {recipe.sft.learning_rate}\n"

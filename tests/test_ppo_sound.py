@@ -251,17 +251,25 @@ def test_resume_refuses_changed_settings(merged_run, copy_run, capsys):
     capsys.readouterr()
     before = sorted(p.name for p in (run / "ppo").rglob("*"))
     assert (
-        cli(*args, "ppo.max_steps=2", "--resume", "ppo.learning_rate=0.0005", "ppo.generation.max_new_tokens=12") == 2
-    )
+        cli(*args, "ppo.max_steps=2", "--resume", "ppo.learning_rate=0.0005", "ppo.generation.max_new_tokens=12",
+            "ppo.compile=true") == 2
+    )  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume would change" in err[0]
     assert "ppo.learning_rate: 0.001 -> 0.0005" in err[0] and "ppo.generation.max_new_tokens: 16 -> 12" in err[0]
+    assert "ppo.compile: False -> True" in err[0], "compiled and eager log-probs differ: not a free change"
     assert "--force" in err[0]
     assert sorted(p.name for p in (run / "ppo").rglob("*")) == before, "nothing written"
     # Settings that cannot change the rollout may change; --force accepts the others.
     assert cli(*args, "ppo.max_steps=2", "--resume", "ppo.sample_every=7") == 0
     assert cli(*args, "ppo.max_steps=3", "--resume", "--force", "ppo.learning_rate=0.0005") == 0
     assert [r["step"] for r in read_jsonl(run / "ppo/metrics.jsonl")] == [1, 2, 3]
+    # The forced rate is the one step 3 trained with, not the checkpoint's (optimizer.load_state_dict restores that).
+    optimizer = torch.load(run / "ppo/checkpoints/step-3/optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in optimizer["param_groups"]] == [0.0005]
+    assert (
+        json.loads((run / "ppo/checkpoints/step-3/state.json").read_text())["settings"]["ppo"]["learning_rate"] == 5e-4
+    )
 
 
 # --- artifacts --------------------------------------------------------------------------------------------------
@@ -302,6 +310,24 @@ def test_kl_ceiling_stops_early_with_the_last_good_checkpoint(merged_run, copy_r
     kept = load_file(run / "ppo/checkpoints/step-1/adapter.safetensors")
     final = load_file(run / "ppo/adapter/adapter_model.safetensors")
     assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
+
+
+def test_roll_back_before_any_checkpoint_restores_the_start(merged_run, copy_run, tmp_path, capsys):
+    """The guard fires at step 2 with no checkpoint saved: the saved adapter is the reference (B = 0), the value head
+    the untrained one, and metrics.jsonl holds no row of the steps rolled back."""
+    from safetensors.torch import load_file
+
+    run = copy_run(merged_run)
+    assert cli("ppo", "--run", run, *SMALL, "ppo.max_steps=4", "ppo.save_steps=10", "ppo.kl_ceiling=1e-9") == 0
+    assert "going back to the policy before PPO" in capsys.readouterr().err
+    ev = json.loads((run / "ppo/eval.json").read_text())
+    assert ev["steps"] == 0 and ev["kl_after"] == pytest.approx(0.0, abs=1e-4)
+    assert read_jsonl(run / "ppo/metrics.jsonl") == [] and read_jsonl(run / "ppo/samples.jsonl") == []
+    adapter = load_file(run / "ppo/adapter/adapter_model.safetensors")
+    assert all(v.abs().sum() == 0 for k, v in adapter.items() if "lora_B" in k)
+    untrained = _trainer(merged_run, tmp_path / "fresh").policy.value_head.state_dict()  # same seed, same first head
+    saved = load_file(run / "ppo/adapter/value_head.safetensors")
+    assert all(torch.equal(saved[k], untrained[k].cpu()) for k in untrained), "the value head is the untrained one"
 
 
 def test_diversity_floor_guard():

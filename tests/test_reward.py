@@ -225,6 +225,12 @@ def test_reward_adapter_leaves_policy_and_reference_bit_identical(reward_run):
     assert not any(p.requires_grad for n, p in model.named_parameters() if f".{REWARD_ADAPTER}." in n)
     assert not any(p.requires_grad for p in reward.head.parameters())
 
+    # A response that stopped at its own EOS is scored at that EOS, as training scored it: no second one is appended.
+    eos_id = tok.eos_token_id
+    ended, ended_mask = left_pad([tok("So I saw it", add_special_tokens=False)["input_ids"] + [eos_id]] * 2, 0, "cpu")
+    ended_scores = reward.score_tokens(["So I saw it"] * 2, ended, ended_mask).scores
+    assert torch.allclose(ended_scores, scores[:1].expand(2), atol=1e-5), (ended_scores, scores)
+
     # Text-only callers get the same scores: the texts re-tokenized with the same tokenizer are the same ids.
     assert torch.allclose(reward(["So I saw it", "It was"]).scores, scores, atol=1e-5)
 
@@ -264,6 +270,10 @@ def test_ppo_runs_on_the_learned_reward_with_a_judge(reward_run, copy_run):
     row = read_jsonl(run / "ppo/metrics.jsonl")[0]
     assert math.isfinite(row["reward_mean"]) and row["reward_std"] > 0
     assert "judge: quickstart-sentiment" in (run / "recipe.yaml").read_text()
+    # The policy's adapter directory holds the policy's adapter alone, not the reward's beside it.
+    assert sorted(p.name for p in (run / "ppo/adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "value_head.safetensors",
+    ]  # fmt: skip
 
 
 def length_score(texts: list[str]) -> list[float]:

@@ -43,3 +43,41 @@ def test_without_a_test_split_evaluation_prompts_are_never_drawn_in_training(tmp
     saved = {**trainer.settings(), "held_out_of_train": 16}
     with pytest.raises(UserError, match="held_out_of_train: 16 -> 8"):
         check_resume_settings(trainer, {"settings": saved}, force=False)
+
+
+def test_a_save_killed_between_its_renames_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    """atomic_dir replaces a directory in two renames (old aside, new in) and promises that a crash in between leaves
+    the previous complete version: the clean-up before a resume must put it back, not delete it."""
+    import os
+
+    from rlhf import io as rlhf_io
+    from rlhf.io import atomic_dir
+    from rlhf.rl import checkpoint
+
+    step_dir, checkpoints = tmp_path / "ppo", tmp_path / "ppo" / "checkpoints"
+    adapter = step_dir / "adapter"
+    with atomic_dir(adapter) as tmp:
+        (tmp / "adapter_model.safetensors").write_text("step 2")
+    with atomic_dir(checkpoints / "step-2") as tmp:
+        (tmp / "state.json").write_text("{}")
+
+    renames, replace = [], os.replace
+
+    def killed_after_the_first_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(rlhf_io.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(adapter) as tmp:
+        (tmp / "adapter_model.safetensors").write_text("step 4")
+    monkeypatch.undo()
+    assert not adapter.exists() and len(list(step_dir.glob(".adapter.old-*"))) == 1
+    (checkpoints / ".step-4.abc123.tmp").mkdir()  # a checkpoint save killed half-way
+    (step_dir / ".adapter.def456.tmp").mkdir()
+
+    checkpoint.remove_partial(checkpoints, adapter)
+    assert (adapter / "adapter_model.safetensors").read_text() == "step 2", "the previous complete version is back"
+    assert sorted(p.name for p in step_dir.iterdir()) == ["adapter", "checkpoints"]
+    assert [p.name for p in checkpoints.iterdir()] == ["step-2"]

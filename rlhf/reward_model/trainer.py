@@ -212,7 +212,7 @@ class RewardTrainer:
     def load_checkpoint(self) -> dict:
         from peft import set_peft_model_state_dict
 
-        checkpoint.remove_partial(self.run.reward_checkpoints, list(self.run.reward_dir.glob(".adapter.*")))
+        checkpoint.remove_partial(self.run.reward_checkpoints, self.run.reward_dir / "adapter")
         tensors, optimizer, state = checkpoint.load_newest(
             self.run.reward_checkpoints,
             ("adapter", "score_head"),

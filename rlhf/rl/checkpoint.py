@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.errors import UserError
-from rlhf.io import atomic_dir, atomic_write_json
+from rlhf.io import atomic_dir, atomic_write_json, recover_atomic_dirs
 
 KEPT = 2
 
-# Settings that cannot change the trajectory of a run: a resume may change them freely.
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "sample_every", "eval_prompts", "nonfinite_patience", "compile"}
+# Settings that cannot change the trajectory of a run: a resume may change them freely. Not `compile`: compiled and
+# eager scoring differ by ~1e-4 in the log-probs, so a resume that switched would not continue the same run.
+RESUMABLE_CHANGES = {"max_steps", "save_steps", "sample_every", "eval_prompts", "nonfinite_patience"}
 
 
 def step_of(path: Path) -> int:
@@ -54,10 +55,11 @@ def save(
     return path
 
 
-def remove_partial(directory: Path, also: list[Path] = ()) -> None:
-    """A save killed half-way leaves its temporary directory (atomic_dir's .NAME.*): remove those."""
-    for partial in [*directory.glob(".step-*"), *also]:
-        shutil.rmtree(partial, ignore_errors=True)
+def remove_partial(directory: Path, adapter: Path) -> None:
+    """After a save killed half-way: unfinished checkpoints and adapters go, and an adapter or checkpoint caught between
+    atomic_dir's two renames gets its previous complete version back."""
+    recover_atomic_dirs(directory, "step-*")
+    recover_atomic_dirs(adapter.parent, adapter.name)
 
 
 def load_newest(directory: Path, names: tuple[str, ...], warn) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:

@@ -152,10 +152,14 @@ class SharedBaseReward:
         from rlhf.rewards import Scores
 
         # The score is read at an EOS after the text, as in training. Appended as a last column: pads between the
-        # text and it are masked and positions count real tokens only, so it sits right after each row's text.
-        eos = torch.full_like(input_ids[:, :1], self.tokenizer.eos_token_id)
-        input_ids = torch.cat([input_ids, eos], 1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+        # text and it are masked and positions count real tokens only, so it sits right after each row's text. A
+        # response that stopped at its own EOS has it already: a second one would be read at a place training never
+        # scored, so that row's column stays masked.
+        eos_id = self.tokenizer.eos_token_id
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        ended = input_ids[rows, last_token_index(attention_mask)] == eos_id
+        input_ids = torch.cat([input_ids, torch.full_like(input_ids[:, :1], eos_id)], 1)
+        attention_mask = torch.cat([attention_mask, (~ended).to(attention_mask.dtype)[:, None]], 1)
         scores = []
         with self.active():
             for start in range(0, len(input_ids), self.batch_size):

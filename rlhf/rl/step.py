@@ -33,6 +33,8 @@ from rlhf.rl.parallel import Parallel
 from rlhf.rl.trainer import RLTrainer
 from rlhf.runs import Run, merged_run_recipe
 
+POLICY_ADAPTER = "default"  # the name `modeling.add_lora` gives the policy's adapter
+
 
 @dataclass
 class StepResult:
@@ -180,7 +182,8 @@ def save_adapter(trainer: RLTrainer, card: str, extra: dict[str, dict[str, torch
     from anywhere), each `extra` entry as NAME.safetensors, and `card` as README.md."""
     out = trainer.directory / "adapter"
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        # The policy's adapter only: a learned reward's adapter, loaded into the same PEFT model, is not the policy's.
+        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[POLICY_ADAPTER])
         for name, tensors in extra.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         atomic_write_text(tmp / "README.md", card)
