@@ -9,39 +9,8 @@ from typing import Any
 
 import torch
 
+from rlhf.chat import check_messages, encode_prompt, require_chat_template, set_chat_template
 from rlhf.errors import UserError
-
-
-def check_messages(value: Any, where: str) -> list[dict[str, str]]:
-    """The messages of a conversational cell, or a UserError naming the row and what is wrong."""
-    if not isinstance(value, list) or not value:
-        raise UserError(f"{where} is {type(value).__name__}, not a string or a list of {{role, content}} messages")
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            shown = repr(message)[:80]
-            raise UserError(
-                f"{where}: message {i} ({shown}) has no 'role' and 'content'; each message is "
-                f'{{"role": "user"|"system"|"assistant", "content": "..."}}'
-            )
-    return value
-
-
-def ensure_chat_template(tokenizer, template: str | None, model_name: str) -> None:
-    """Give the tokenizer `template` (model.chat_template) where it has none; a UserError when neither has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return
-    if template:
-        tokenizer.chat_template = template
-        return
-    raise UserError(
-        f"the data is conversational but the tokenizer of {model_name} has no chat template; set model.chat_template "
-        f"to a Jinja template (e.g. one from a chat model of the same family), or give plain-string prompts"
-    )
-
-
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The prompt as the model sees it: the conversation and the assistant's turn opened (add_generation_prompt)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def draw_indices(n: int, seed: int, step: int, size: int, rank: int, world_size: int) -> list[int]:
@@ -97,17 +66,16 @@ class DatasetPrompts:
     def __init__(self, rows: list[dict[str, Any]], column: str, tokenizer, max_tokens: int | None, seed: int,
                  chat_template: str | None, model_name: str, where: str):  # fmt: skip
         self.seed, self.column = seed, column
-        texts = []
+        set_chat_template(tokenizer, chat_template)
+        tokens = []
         for i, row in enumerate(rows):
-            value = row[column]
-            if isinstance(value, str):
-                texts.append(value)
-                continue
-            messages = check_messages(value, f"{where}, row {i}, column '{column}'")
-            ensure_chat_template(tokenizer, chat_template, model_name)
-            texts.append(render_prompt(tokenizer, messages))
-        # As TRL does: the rendered text carries whatever special tokens the template puts in; none are added.
-        tokens = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            prompt = row[column]
+            if not isinstance(prompt, str):
+                prompt = check_messages(prompt, f"{where}, row {i}, column '{column}'")
+                require_chat_template(tokenizer, model_name)
+            # As SFT encodes the prompt its completion follows (rlhf.chat): what the model learned to continue.
+            tokens.append(encode_prompt(tokenizer, prompt))
+        texts = tokenizer.batch_decode(tokens) if tokens else []
         keep = [i for i, ids in enumerate(tokens) if ids and (max_tokens is None or len(ids) <= max_tokens)]
         self.n_too_long = sum(1 for ids in tokens if max_tokens is not None and len(ids) > max_tokens)
         self.tokens = [tokens[i] for i in keep]
