@@ -27,7 +27,7 @@ class ModelConfig(Section):
     revision: str | None = None
     quantization: Literal["8bit", "4bit", "none"] = "8bit"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="dtype of everything that is not quantized (embeddings, LayerNorms are kept fp32)"
+        "float16", description="dtype of everything that is not quantized (embeddings, norms); LoRA and heads are fp32"
     )
     llm_int8_threshold: float = Field(6.0, ge=0.0)
     trust_remote_code: bool = False

@@ -60,7 +60,7 @@ class RLTrainer(ABC):
     name = "rl"  # the recipe section and the run's subdirectory: "ppo", "grpo"
     value_head = False
     kl_setting = ""  # the setting that holds the policy near the reference, named when the responses collapse
-    # What to try when batches keep going non-finite, beyond the reward and the LayerNorms.
+    # What to try when batches keep going non-finite, beyond the reward and fp16 overflow.
     nonfinite_hint = "the learning rate too high"
 
     def __init__(self, recipe: Recipe, run: Run, reward_name: str, parallel: Parallel, out=None):
@@ -387,7 +387,8 @@ class RLTrainer(ABC):
             kept = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved yet"
             raise NonFiniteError(
                 f"{self.nonfinite_in_a_row} batches in a row had a non-finite {what}; stopped at step {self.step} "
-                f"({kept}). Likely causes: a reward model or function returning NaN/inf, LayerNorms not in fp32, "
+                f"({kept}). Likely causes: a reward model or function returning NaN/inf, fp16 overflow "
+                f"(model.dtype=bfloat16), "
                 f"{self.nonfinite_hint}"
             )
         self.retries += 1  # the next attempt must not replay the same random draws
