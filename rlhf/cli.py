@@ -323,16 +323,17 @@ def cmd_merge(args) -> int:
     return 0 if result is not None else 1
 
 
-def run_recipe(args, step: str):
-    """The run a step after merge works on and its recipe: --recipe, or the run's own, with the overrides applied."""
+def run_recipe(args, what: str, step: str | None = None):
+    """The run a step after merge works on and its recipe: --recipe, or the run's own (that step's, when it has run
+    before: RUN/recipe.yaml holds the last step's reward), with the overrides applied."""
     from rlhf.config import apply_overrides, resolve_path, validate
     from rlhf.runs import existing_run
 
-    run = existing_run(args.run, step)
+    run = existing_run(args.run, what)
     if args.recipe:
         recipe = resolve_recipe(args)
     else:  # the run's own recipe, with any overrides applied to it
-        recipe = validate(apply_overrides(run.load_recipe().model_dump(mode="json"), list(args.overrides)))
+        recipe = validate(apply_overrides(run.load_recipe(step).model_dump(mode="json"), list(args.overrides)))
     if getattr(args, "reward", None):
         args.reward = resolve_path(args.reward, Path.cwd())  # stored absolute: the run works from any folder
         recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": args.reward})})
@@ -343,7 +344,7 @@ def _cmd_rl(args, step, name: str, what: str) -> int:
     """rlhf ppo / rlhf grpo: the same flow, each with its own step module and run subdirectory."""
     from rlhf import budget
 
-    run, recipe = run_recipe(args, what)
+    run, recipe = run_recipe(args, what, name)
     if args.auto_fit:
         recipe = budget.auto_fit(recipe, name, args.gpu)
 
@@ -374,7 +375,7 @@ def cmd_reward(args) -> int:
 
     if args.preference_dataset:
         args.overrides = [*args.overrides, f"reward_model.dataset={args.preference_dataset!r}"]
-    run, recipe = run_recipe(args, "train a reward model on")
+    run, recipe = run_recipe(args, "train a reward model on", "reward")
     step.run(recipe, run, resume=args.resume, force=args.force, gpu=args.gpu)
     return 0
 
