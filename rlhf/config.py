@@ -27,7 +27,7 @@ class ModelConfig(Section):
     revision: str | None = None
     quantization: Literal["8bit", "4bit", "none"] = "8bit"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="dtype of everything that is not quantized (embeddings, LayerNorms are kept fp32)"
+        "float16", description="dtype of everything that is not quantized (embeddings, norms); LoRA and heads are fp32"
     )
     llm_int8_threshold: float = Field(6.0, ge=0.0)
     trust_remote_code: bool = False
@@ -147,6 +147,23 @@ class RLConfig(Section):
     entropy_coef: float = Field(
         0.0, ge=0, description="bonus on the policy's mean token entropy in the loss: keeps responses varied"
     )
+    dataset: str | None = Field(
+        None,
+        description="prompts for RL: hub id, local file or dir, or fixture:NAME; default: the run's data "
+        "(data.dataset): its prompt column where it has one, else the first tokens of its documents",
+    )
+    config_name: str | None = Field(None, description="the dataset's configuration (e.g. main for openai/gsm8k)")
+    train_split: str = Field("train", description="of `dataset`; the run's data uses data.train_split")
+    eval_split: str = Field(
+        "test", description="held-out prompts; without it, the last eval_prompts rows, which training never draws"
+    )
+    prompt_column: str = Field(
+        "prompt", description="the column of `dataset` holding each prompt (a string or a list of {role, content})"
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="prompts longer than this many tokens (after the chat template) are left out, counted"
+    )
+    # Document-prefix prompts (a text corpus without a prompt column): the first k tokens, k drawn in [min, max].
     prompt_min_tokens: int = Field(2, ge=1)
     prompt_max_tokens: int = Field(8, ge=1)
     prompt_min_chars: int = Field(200, ge=0, description="only documents longer than this become prompts")

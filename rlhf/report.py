@@ -302,6 +302,21 @@ EVAL_ROWS = [
 ]
 
 
+def _task_rows(ev: dict) -> list[tuple[str, str]]:
+    """(row label, eval.json key without _before/_after) of a task reward: its accuracy, sampled and greedy, then each
+    reward of the spec on its own, sampled and greedy."""
+    rows = []
+    if "accuracy_before" in ev:
+        rows += [(f"accuracy (`{ev.get('accuracy_reward')}`, sampled)", "accuracy"),
+                 (f"accuracy (`{ev.get('accuracy_reward')}`, greedy)", "accuracy_greedy")]  # fmt: skip
+    for key in ev:
+        name = key.removeprefix("reward_").removesuffix("_before")
+        if key.startswith("reward_") and key.endswith("_before") and name not in ("greedy",):
+            kind = "greedy" if name.endswith("_greedy") else "sampled"
+            rows.append((f"reward `{name.removesuffix('_greedy')}` ({kind})", f"reward_{name}"))
+    return rows
+
+
 def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
     label = POLICY_STEPS[step]
     out = [f"## {label} evaluation on held-out prompts", ""]
@@ -313,6 +328,9 @@ def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
         if before is None and after is None:  # a metric this run did not record (an older run): no row of dashes
             continue
         rows.append([name, _num(before, fmt), _num(after, fmt), _delta(before, after, "+" + fmt)])
+    for name, key in _task_rows(ev):
+        before, after = ev.get(f"{key}_before"), ev.get(f"{key}_after")
+        rows.append([name, _num(before, ".3f"), _num(after, ".3f"), _delta(before, after, "+.3f")])
     rows.append(["prompts", str(ev.get("n_prompts", "—")), str(ev.get("n_prompts", "—")), ""])
     out.append(_table(["metric", f"before {label}", f"after {label}", "change"], rows, ["---", "---:", "---:", "---:"]))
     out += _perplexity_warnings(ev, step)
