@@ -87,8 +87,10 @@ def measure(shape: str, base: Path, root: Path, steps: int) -> dict:
             PeftModel.from_pretrained(modeling.load_base(nf4, base), run / "sft/adapter"), blocks
         ),
         "fp32 original base + adapter": held_out_loss(
-            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                      run / "sft/adapter"), blocks  # fmt: skip
+            PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run / "sft/adapter"
+            ),
+            blocks,
         ),
         "NF4 base alone": held_out_loss(modeling.load_base(nf4, base), blocks),
     }
