@@ -3,6 +3,7 @@ SFT run shows: rlhf's own lines and one progress bar, no library chatter."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from conftest import cli
 
 from rlhf.config import DataConfig, load_recipe
 from rlhf.data import load_texts
+from rlhf.errors import explain
 from rlhf.runs import Run
 
 
@@ -103,3 +105,22 @@ def test_sft_shows_one_bar_and_only_rlhfs_lines(tmp_path, capsys, fixture_paths)
     bar = lines[-1]
     assert "6/6" in bar and "loss=" in bar and "tok/s=" in bar, bar
     assert any("sft: warning: SFT loss" in line and "above ln(vocabulary) = 7.62" in line for line in lines), lines
+
+    assert cli("merge", "--run", tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and all(line.startswith("merge: shard 1/1") for line in lines), lines  # a labelled bar, nothing else
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [(errno.ENOSPC, "disk full while writing in {folder}; free space there"),
+     (errno.EROFS, "cannot write in {folder} (Read-only file system); make it writable"),
+     (errno.EACCES, "cannot write in {folder} (Permission denied); make it writable")],
+    ids=["full", "read-only-mount", "permission"],
+)  # fmt: skip
+def test_a_failed_write_names_the_folder_not_a_bug(tmp_path, code, expected):
+    # What an atomic write raises when the run directory fills up or turns read-only mid-run: its temp file's name.
+    exc = OSError(code, os.strerror(code), str(tmp_path / "ppo" / ".eval.json.abc123.tmp"))
+    line, exit_code = explain(exc)
+    assert exit_code == 2 and line.startswith(expected.format(folder=tmp_path / "ppo")), line

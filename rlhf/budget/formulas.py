@@ -5,7 +5,7 @@ What is counted follows what rlhf's code does, not a generic rule of thumb:
 weights       quantized linears (LLM.int8: int8 values + one fp32 scale per output row, `SCB`; NF4: 4-bit values +
               an absmax per block of 64, itself quantized to 8 bits with an fp32 absmax per 256 blocks: double
               quant); biases, embeddings and the unembedding in model.dtype (our k-bit preparation, not peft's,
-              which would upcast them all to fp32); LayerNorms in fp32; buffers as they are.
+              which would upcast them all to fp32); norms in model.dtype too; buffers as they are.
 lora          adapter parameters, fp32 (`modeling.add_lora`).
 gradients     fp32, one per trainable parameter (LoRA, and the value head in PPO), while a step is in flight.
 optimizer     Adam/AdamW: two fp32 states (8 B/param); bitsandbytes 8-bit: two uint8 states + an fp32 absmax per 256
@@ -64,7 +64,7 @@ def nf4_bytes(n: int) -> int:
 
 
 def weight_bytes(shape: ModelShape, quantization: str, d: int) -> int:
-    """The model on the device after `modeling.load_base` + `prepare_for_training` (LayerNorms cast to fp32)."""
+    """The model on the device after `modeling.load_base` + `prepare_for_training` (norms in model.dtype)."""
     total = 0
     for lin in shape.linears:
         if not lin.quantized:
@@ -72,7 +72,7 @@ def weight_bytes(shape: ModelShape, quantization: str, d: int) -> int:
         n = lin.in_features * lin.out_features
         total += {"8bit": int8_bytes(lin), "4bit": nf4_bytes(n), "none": d * n}[quantization]
         total += d * lin.out_features if lin.bias else 0
-    return total + d * shape.other_params + 4 * shape.norm_params + shape.buffer_bytes
+    return total + d * (shape.other_params + shape.norm_params) + shape.buffer_bytes
 
 
 def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
