@@ -192,7 +192,8 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
             f"with a space"
         )
     if not pairs:
-        raise UserError(f"preference data '{dataset}' split '{split}' has no usable pair ({n} rows)")
+        same = f", {n_same} of them with the same chosen and rejected answer" if n_same else ""
+        raise UserError(f"preference data '{dataset}' split '{split}' has no usable pair ({n} rows{same})")
     form = "explicit prompt" if explicit else "implicit prompt (the shared prefix of chosen and rejected)"
     return pairs, form + (", chat messages rendered with the chat template" if chat else "")
 
