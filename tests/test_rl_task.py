@@ -358,3 +358,23 @@ def test_a_real_chat_model_answers_through_its_own_template(tmp_path):
     assert sample["prompt"].endswith("user\nWhat is 6+2?\nassistant\n") or sample["prompt"].endswith(
         "user\nWhat is 8+1?\nassistant\n"
     ), sample["prompt"]
+
+
+def test_reward_model_learns_from_chat_pairs_with_the_runs_chat_template(merged_run, copy_run, tmp_path):
+    """`rlhf reward` on conversational preference pairs renders them with the run's model.chat_template."""
+    from rlhf.runs import Run
+
+    run = copy_run(merged_run)
+    recipe = Run(run).load_recipe()
+    chat = recipe.model.model_copy(update={"chat_template": CHAT_TEMPLATE})
+    Run(run).write_recipe(recipe.model_copy(update={"model": chat}))
+    pairs = [
+        {"prompt": [{"role": "user", "content": f"Review film {i}."}],
+         "chosen": [{"role": "assistant", "content": "A wonderful film."}],
+         "rejected": [{"role": "assistant", "content": "An awful film."}]}
+        for i in range(12)
+    ]  # fmt: skip
+    data = _write(tmp_path / "pairs", {"train": pairs[:8], "test": pairs[8:]})
+    assert cli("reward", "--run", run, "--dataset", data, "reward_model.max_steps=1", "reward_model.batch_size=2",
+               "reward_model.gradient_accumulation_steps=1", "reward_model.eval_pairs=4") == 0  # fmt: skip
+    assert json.loads((run / "reward/eval.json").read_text())["n_pairs"] == 4
