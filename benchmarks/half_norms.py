@@ -128,7 +128,7 @@ def train_step(model, ids, candidate, dtype, opt=None):
 def score(model, ids, candidate, dtype):
     import torch
 
-    from rlhf.ppo.core import logprobs_from_logits
+    from rlhf.rl.core import logprobs_from_logits
 
     with torch.no_grad(), context(candidate, dtype):
         logits = model(input_ids=ids, logits_to_keep=ids.shape[1]).logits

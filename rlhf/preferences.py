@@ -219,7 +219,7 @@ def _render(example: dict, tokenizer, where: str) -> dict:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError(
             f"{where}: the pairs are chat messages, but the model's tokenizer has no chat template to render them; "
-            f"give the pairs as text, or use a model with a chat template"
+            f"set model.chat_template (chatml, a .jinja file, or the template text), or give the pairs as text"
         )
     if isinstance(example["prompt"], str) or not example["prompt"]:
         raise UserError(f"{where}: chat pairs need a prompt of at least one message (a user turn) before the answers")

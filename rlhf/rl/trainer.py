@@ -21,7 +21,6 @@ from rlhf.errors import UserError
 from rlhf.io import trim_jsonl
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
-from rlhf.rl.core import masked_mean
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
@@ -283,14 +282,16 @@ class RLTrainer(ABC):
         """What every RL step logs after its algorithm's own columns: the update's gradient and first-ratio stats,
         the responses (entropy, diversity, length), throughput and where the step's time went."""
         n_tokens = float(rollout.response_mask.sum().item())
+        all_tokens = self.parallel.sum(n_tokens)
+        entropy_sum = float(torch.where(rollout.response_mask.bool(), rollout.entropy, 0.0).sum().item())
         return {
             "grad_norm": stats["grad_norm"],
             "first_ratio": stats["first_ratio"],
             "first_approx_kl": stats["first_approx_kl"],
             "first_clipfrac": stats["first_clipfrac"],
-            "entropy": masked_mean(rollout.entropy, rollout.response_mask).item(),
+            "entropy": self.parallel.sum(entropy_sum) / all_tokens,  # per response token, over every rank
             "distinct_2": self.parallel.mean(distinct_n(rollout.responses, 2)),
-            "response_len": n_tokens / len(rollout.prompts),
+            "response_len": all_tokens / (len(rollout.prompts) * self.world_size),
             # Response tokens per second of the whole step (generation, scoring and update), all ranks together.
             "tokens_per_s": self.parallel.mean(n_tokens / elapsed) * self.world_size,
             "generate_share": self.timer.seconds.get("generate", 0.0) / elapsed,
@@ -412,6 +413,8 @@ class RLTrainer(ABC):
             "reward": self.reward_name,
             # Without an eval split, eval_prompts sets how much of train is held out, so the prompts training draws.
             "held_out_of_train": self.held_out_of_train,
+            # Each rank's prompts are a function of (seed, step, rank, world size): another count draws others.
+            "world_size": self.world_size,
         }
 
     def save_checkpoint(self) -> None:
