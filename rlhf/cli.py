@@ -254,7 +254,9 @@ def cmd_sft(args) -> int:
 
     recipe = resolve_recipe(args)
     if args.auto_fit:
-        recipe = budget.auto_fit(recipe, "sft", args.gpu)
+        from rlhf.budget.lengths import scan
+
+        recipe = budget.auto_fit(recipe, "sft", args.gpu, lengths=scan(recipe, "sft")[0])
     if not args.run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("with several processes (accelerate launch), pass --run DIR so that all of them use one run")
     run = Run(Path(args.run)) if args.run else new_run_dir(recipe)

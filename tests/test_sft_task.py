@@ -192,3 +192,24 @@ def test_preview_marks_the_counted_tokens(capsys, fixture_paths):
     assert 2 <= len(loss) <= 4 and loss[-1].endswith("loss (EOS)")  # " 1", "8" or so, then EOS
     assert lines[0].rstrip().endswith("-")
     assert "counted: ' " in out and "checks:" in out
+
+
+def test_budget_sizes_sft_pairs_by_their_longest_not_the_block(fixture_paths, capsys):
+    from rlhf import budget, modeling
+    from rlhf.budget.lengths import scan
+    from rlhf.config import load_recipe
+
+    recipe = load_recipe("arithmetic")
+    tok = modeling.load_tokenizer(fixture_paths.policy)
+    rows = [json.loads(line) for line in (fixture_paths.arithmetic / "train.jsonl").open()]
+    longest = max(len(tok(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows)  # + EOS
+    assert longest < recipe.sft.block_size
+    lengths, note = scan(recipe, "sft")
+    assert lengths.sft_tokens == longest and not note
+    gpu = 24 * 2**30
+    measured = budget.estimate(recipe, "sft", gpu, lengths=lengths)
+    as_if_block = load_recipe("arithmetic", [f"sft.block_size={longest}"])
+    assert measured.components == budget.estimate(as_if_block, "sft", gpu).components
+    assert measured.total_bytes < budget.estimate(recipe, "sft", gpu).total_bytes  # the block's 64 would overstate
+    assert cli("budget", "--recipe", "arithmetic", "--step", "sft", "--gpu", "24GiB") == 0
+    assert f"micro-batch 16 x {longest} tokens (the longest of {len(rows)} examples)" in capsys.readouterr().out

@@ -28,6 +28,7 @@ from rlhf.budget.formulas import (
     train_activations,
     weight_bytes,
 )
+from rlhf.budget.lengths import DataLengths
 from rlhf.budget.shapes import ModelShape
 from rlhf.config import LoraConfig, Recipe
 from rlhf.dtypes import DTYPE_BYTES
@@ -74,10 +75,14 @@ def _int8_kept_note(shape: ModelShape, s: TrainSetup, tokens: int, checkpointing
     ]
 
 
-def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[dict, str, list[str]]:
+def sft_moments(
+    recipe: Recipe, shape: ModelShape, device_kind: str, lengths: DataLengths | None = None
+) -> tuple[dict, str, list[str]]:
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf sft`: a micro-batch at the loss and in the
-    backward pass."""
+    backward pass. Its sequences are sft.block_size long, or, for pairs and conversations padded per batch, as long
+    as the data's longest (`lengths`)."""
     cfg = recipe.sft
+    seq = min(cfg.block_size, lengths.sft_tokens) if lengths and lengths.sft_tokens else cfg.block_size
     s = _lora_setup(recipe, shape, "sft", device_kind)
     n_lora = lora_params(shape, s.lora_rank, list(s.lora_targets))
     resident = {
@@ -88,18 +93,19 @@ def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[di
             lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)), cfg.optimizer == "adamw_8bit"
         ),
     }
-    at_loss, at_backward = train_activations(shape, s, cfg.batch_size, cfg.block_size, cfg.gradient_checkpointing)
-    logits = 12 * cfg.batch_size * cfg.block_size * shape.vocab  # fp32 upcast + fp32 log-softmax + fp32 gradient
+    at_loss, at_backward = train_activations(shape, s, cfg.batch_size, seq, cfg.gradient_checkpointing)
+    logits = 12 * cfg.batch_size * seq * shape.vocab  # fp32 upcast + fp32 log-softmax + fp32 gradient
     moments = {
         "loss (fp32 logits)": {**resident, "activations": at_loss, "logits": logits},
         "backward (one layer)": {**resident, "activations": at_backward},
     }
     settings = (
         f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
-        f"micro-batch {cfg.batch_size} x {cfg.block_size} tokens; gradient checkpointing "
+        f"micro-batch {cfg.batch_size} x {seq} tokens{f' ({lengths.source})' if seq != cfg.block_size else ''}; "
+        f"gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
     )
-    notes = _int8_kept_note(shape, s, cfg.batch_size * cfg.block_size, cfg.gradient_checkpointing)
+    notes = _int8_kept_note(shape, s, cfg.batch_size * seq, cfg.gradient_checkpointing)
     return moments, settings, notes
 
 
