@@ -1,5 +1,7 @@
-"""The README's "Models and cards" table: for each shipped recipe (and each other shipped model shape at the default
-settings) and each common card size, does `rlhf sft` / `rlhf ppo` fit, and if not, the budget's first suggestion.
+"""The README's "Models and cards" tables: for each shipped recipe (and each other shipped model shape at the default
+settings) and each common card size, does `rlhf sft` / `rlhf ppo` fit, and if not, the budget's first suggestion; then,
+for each card and each training step, the largest shipped model that fits and at which settings
+(`rlhf.budget.catalog`, what `rlhf budget --list --gpu SIZE --step STEP` prints).
 
     python benchmarks/fit_table.py            # print the table
     python benchmarks/fit_table.py --write    # and put it into README.md, between the fit-table markers
@@ -10,15 +12,13 @@ Everything comes from the memory budget (`rlhf budget`): shapes only, no GPU, no
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from rlhf.budget import estimate, gpu_bytes, suggest
-from rlhf.budget.shapes import model_shape, shipped_configs_dir
-from rlhf.config import Recipe, load_recipe
+from rlhf.budget import catalog, estimate, gpu_bytes, suggest
+from rlhf.budget.shapes import model_shape
+from rlhf.config import Recipe
 from rlhf.units import GiB
 
-RECIPES = ("gpt-neox-20b", "llama-3.1-8b", "qwen2.5-14b")
 CARDS = ("12GiB", "16GiB", "24GiB")
 STEPS = ("sft", "ppo")
 SMALL = 1.5e9  # parameters: models below this fit every card listed, so they would only lengthen the table
@@ -27,18 +27,12 @@ BEGIN, END = "<!-- fit-table: python benchmarks/fit_table.py --write -->", "<!--
 
 
 def rows() -> list[tuple[str, Recipe]]:
-    """(label, recipe): the shipped recipes, then every other shipped causal LM with the default settings."""
-    recipes = [(f"`{name}` recipe", load_recipe(name)) for name in RECIPES]
-    named = {recipe.model.name.lower() for _, recipe in recipes}
-    others = []
-    for config in sorted(shipped_configs_dir().glob("*/*/config.json"), key=lambda p: str(p).lower()):
-        hub_id = str(config.parent.relative_to(shipped_configs_dir()))
-        architectures = json.loads(config.read_text()).get("architectures", [])
-        if hub_id.lower() in named or not any(a.endswith("ForCausalLM") for a in architectures):
-            continue
-        if model_shape(hub_id).params >= SMALL:
-            others.append((f"{hub_id} (defaults)", load_recipe(None, [f"model.name='{hub_id}'"])))
-    return recipes + others
+    """(label, recipe): the shipped recipes, then every other shipped causal LM of SMALL or more at the defaults."""
+    return [
+        (label, recipe)
+        for label, recipe in catalog.shipped_recipes()
+        if label.startswith("`") or model_shape(recipe.model.name).params >= SMALL
+    ]
 
 
 def cell(recipe: Recipe, step: str, card: str) -> str:
@@ -62,6 +56,28 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def largest_table() -> str:
+    """Per training step and card: the largest shipped model that fits, and the settings it fits at."""
+    head = ["Step", *(f"largest on {card.replace('GiB', ' GiB')}" for card in CARDS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for step in catalog.STEPS:
+        cells = []
+        for card in CARDS:
+            best = catalog.largest(catalog.fits_on(step, gpu_bytes(card), card))
+            if best is None:
+                cells.append("none")
+                continue
+            how = "as it is" if best.fits else f"`{best.settings}`"
+            cells.append(f"{best.label}, {best.params / 1e9:.1f} B: {how} ({best.fitted_bytes / GiB:.1f})")
+        lines.append("| " + " | ".join([step, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def text() -> str:
+    """Both tables, as the README shows them between the fit-table markers."""
+    return table() + "\n\n" + largest_table()
+
+
 def write_readme(text: str) -> None:
     readme = README.read_text()
     start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
@@ -72,10 +88,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="replace the table in README.md")
     args = parser.parse_args()
-    text = table()
-    print(text)
+    tables = text()
+    print(tables)
     if args.write:
-        write_readme(text)
+        write_readme(tables)
 
 
 if __name__ == "__main__":

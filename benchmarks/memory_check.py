@@ -1,4 +1,4 @@
-"""Measure real SFT and PPO steps beside the memory budget's prediction: the budget is checked, not hoped.
+"""Measure real SFT, PPO and GRPO steps beside the memory budget's prediction: the budget is checked, not hoped.
 
     python benchmarks/memory_check.py --model EleutherAI/pythia-160m --device cpu
     python benchmarks/memory_check.py --model llama-small --device cpu      # also qwen2-small, tiny (GPT-NeoX)
@@ -13,6 +13,8 @@ sft   forward with labels (transformers' loss), backward, AdamW step: as `rlhf s
 ppo   the phases of `rlhf ppo`, with its own `rlhf.rl.policy.Policy`: generation with a KV cache, the reward classifier
       (random DistilBERT of lvwerra/distilbert-imdb's shape), scoring by the policy and by the reference (adapter
       disabled), and the update (policy + value loss, backward, Adam step) in micro-batches.
+grpo  the same phases without the value head (`rlhf grpo`): --rollout sequences, --group-size samples a prompt,
+      the update on GRPO's clipped loss with beta x k3 to the reference.
 
 Each step runs in its own process, after one warm-up iteration; then each phase's peak is read:
 on CUDA torch.cuda.max_memory_allocated / max_memory_reserved (reset before each phase; --limit caps the process
@@ -285,6 +287,7 @@ def tensor_peak(prof) -> int:
 def recipe_for(args, model_dir: Path):
     from rlhf.config import (
         GenerationConfig,
+        GrpoConfig,
         LoraConfig,
         ModelConfig,
         PpoConfig,
@@ -305,6 +308,18 @@ def recipe_for(args, model_dir: Path):
         ),
         ppo=PpoConfig(
             batch_size=args.rollout,
+            mini_batch_size=args.mini_batch,
+            gradient_accumulation_steps=args.accumulation,
+            rollout_batch_size=args.rollout,
+            prompt_min_tokens=args.prompt,
+            prompt_max_tokens=args.prompt,
+            generation=GenerationConfig(min_new_tokens=args.response, max_new_tokens=args.response),
+            lora=LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0, target_modules=targets),
+            gradient_checkpointing=not args.no_checkpointing,
+        ),
+        grpo=GrpoConfig(
+            batch_size=args.rollout // args.group_size,
+            group_size=args.group_size,
             mini_batch_size=args.mini_batch,
             gradient_accumulation_steps=args.accumulation,
             rollout_batch_size=args.rollout,
@@ -363,17 +378,21 @@ def run_sft(args, model_dir: Path, meter: Meter) -> dict:
     return {"loaded": loaded, "phases": meter.peaks()}
 
 
-def run_ppo(args, model_dir: Path, meter: Meter) -> dict:
+def run_rl(args, model_dir: Path, meter: Meter) -> dict:
+    """PPO's phases, or with args.step == "grpo" GRPO's: no value head, the group's advantage, k3 to the reference."""
     import torch
 
+    from rlhf.grpo.core import grpo_loss
     from rlhf.ppo import core
     from rlhf.rl.core import policy_loss
     from rlhf.rl.policy import Policy, ValueHead
 
+    grpo = args.step == "grpo"
     recipe = recipe_for(args, model_dir)
-    model = load_policy(args, model_dir, recipe.ppo.lora, recipe.ppo.gradient_checkpointing)
+    cfg = recipe.grpo if grpo else recipe.ppo
+    model = load_policy(args, model_dir, cfg.lora, cfg.gradient_checkpointing)
     device = next(p.device for p in model.parameters())
-    policy = Policy(model, ValueHead(model.config.hidden_size).to(device))
+    policy = Policy(model, None if grpo else ValueHead(model.config.hidden_size).to(device))
     reward = build_reward(args, device)
     loaded = meter.now()
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=1e-5)
@@ -399,23 +418,29 @@ def run_ppo(args, model_dir: Path, meter: Meter) -> dict:
         ids, mask = torch.cat([prompts, response], 1), torch.cat([pmask, rmask], 1)
         model.train()  # as rlhf.ppo.trainer scores: in the mode the update runs in, without grad
         with meter.phase("scoring", record, profile), torch.no_grad():
-            old = policy.score(ids, mask, R, values=True, entropy=True)
+            old = policy.score(ids, mask, R, values=not grpo, entropy=True)
             with policy.reference():
-                policy.score(ids, mask, R, values=False)
+                ref = policy.score(ids, mask, R, values=False)
 
-        advantages = torch.randn(B, R, device=device)
-        returns = old.values + advantages
+        advantages = torch.randn(B, device=device) if grpo else torch.randn(B, R, device=device)
+        returns = None if grpo else old.values + advantages
         rm = rmask.float()
         with meter.phase("update", record, profile):
             for start in range(0, B, args.mini_batch):
                 opt.zero_grad(set_to_none=True)
                 for m in range(start, min(start + args.mini_batch, B), micro):
                     idx = torch.arange(m, min(m + micro, B), device=device)
-                    out = policy.score(ids[idx], mask[idx], R, values=True)
-                    pg, _ = policy_loss(out.logprobs, old.logprobs[idx], advantages[idx], rm[idx], 0.2)
-                    vf, _ = core.value_loss(out.values, old.values[idx], returns[idx], rm[idx], 0.2)
-                    (pg + 0.1 * vf).backward()
-                    del out, pg, vf
+                    out = policy.score(ids[idx], mask[idx], R, values=not grpo)
+                    if grpo:
+                        loss, _ = grpo_loss(
+                            out.logprobs, old.logprobs[idx], ref.logprobs[idx], advantages[idx], rm[idx], 0.2, 0.04
+                        )
+                    else:
+                        pg, _ = policy_loss(out.logprobs, old.logprobs[idx], advantages[idx], rm[idx], 0.2)
+                        vf, _ = core.value_loss(out.values, old.values[idx], returns[idx], rm[idx], 0.2)
+                        loss = pg + 0.1 * vf
+                    loss.backward()
+                    del out, loss
                 opt.step()
             opt.zero_grad(set_to_none=True)
     return {"loaded": loaded, "phases": meter.peaks()}
@@ -484,13 +509,14 @@ def child(args) -> None:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
 
+    import rlhf.grpo.core  # noqa: F401
     import rlhf.modeling  # noqa: F401
     import rlhf.rl.policy  # noqa: F401
 
     meter = Meter(args.device, profile=not args.no_profile)
     started = time.time()
     try:
-        result = run_sft(args, model_dir, meter) if args.step == "sft" else run_ppo(args, model_dir, meter)
+        result = run_sft(args, model_dir, meter) if args.step == "sft" else run_rl(args, model_dir, meter)
     except torch.OutOfMemoryError as exc:  # under --limit: the prediction said so, or it was wrong; both are data
         result = {"loaded": {}, "phases": meter.peaks(), "oom": str(exc).splitlines()[0]}
     result["seconds"] = round(time.time() - started, 1)
@@ -525,6 +551,7 @@ def main() -> None:
     p.add_argument("--sft-batch", type=int, default=1)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--rollout", type=int, default=8, help="rollout batch (one chunk is generated, scored, trained)")
+    p.add_argument("--group-size", type=int, default=4, help="grpo: samples a prompt (--rollout / this = prompts)")
     p.add_argument("--mini-batch", type=int, default=4)
     p.add_argument("--accumulation", type=int, default=1)
     p.add_argument("--prompt", type=int, default=8)

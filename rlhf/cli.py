@@ -42,8 +42,10 @@ def _add_gpu(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu",
         metavar="NAME|SIZE",
-        help="memory to plan against: rtx4090, rtx3090, a10, l4, t4, a100-40, a100-80, h100, or a size such as "
-        "24GiB or 512MiB; default: the detected GPU's free memory (free RAM on CPU), or the recipe's budget.gpu",
+        help="memory to plan against: a card (rtx3060, rtx4060ti-16gb, rtx4070tisuper, rtx4080, rtx3090, rtx4090, "
+        "rtx5090, a10, a10g, l4, t4, a100-40, a100-80, h100; spaces, case and the rtx are optional: '4090') or a "
+        "size such as 24GiB or 512MiB; default: the recipe's budget.gpu, else the detected GPU's free memory, else "
+        "free RAM (a CPU run)",
     )
 
 
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", default="linear", choices=["linear", "cat", "ties", "dare_ties"], help="how to combine adapters"
     )
+    p.add_argument(
+        "--base-weights",
+        choices=["original", "dequantized"],
+        help="merge into the original weights, or (after a 4-bit sft) into the NF4-dequantized ones the adapter was "
+        "trained on (default: the recipe's merge.base_weights)",
+    )
     p.add_argument("--force", action="store_true", help="merge again although merged/ exists; ignore the RAM check")
 
     p = sub.add_parser("ppo", help="step 3: PPO on the merged model with a reward model", epilog=EPILOG_OVERRIDES)
@@ -147,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. reward_model.max_steps=50")
 
-    p = sub.add_parser("budget", help="predict memory, component by component, and say whether it fits")
+    p = sub.add_parser(
+        "budget",
+        help="predict memory, component by component, and say whether it fits",
+        description="Predict each step's peak memory from the model's shape alone (no weights loaded) and say whether "
+        "it fits, with the cheapest changes that would make it fit as KEY=VALUE overrides to paste.",
+        epilog="Exit codes: 0 every step asked for fits; 3 a step does not fit (the table, or the JSON's "
+        '"suggestions", says what would); 2 bad input. --json prints one object per step: the components, '
+        '"peak_moment", "device_kind" (cuda: a GPU; cpu: RAM) and "suggestions".',
+    )
     _add_recipe(p)
     p.add_argument("--model", metavar="ALIAS|HUB_ID|PATH", help="a recipe alias, a hub id or a local dir")
     p.add_argument(
@@ -158,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gpu(p)
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of the table")
-    p.add_argument("--list", action="store_true", help="list the models whose shapes ship with rlhf (no hub needed)")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the models whose shapes ship with rlhf (no hub needed); with --gpu, which of them fit that card "
+        "for --step and at which settings",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
 
     p = sub.add_parser("preview", help="show the first training examples exactly as the model will see them")
@@ -217,10 +238,26 @@ def resolve_recipe(args: argparse.Namespace, default: str | None = None):
     dataset = getattr(args, "dataset", None)
     if dataset:
         overrides.insert(0, f"data.dataset={dataset}")
+    if model and name is None and not any(o.startswith("model.dtype=") for o in overrides):
+        if dtype := _checkpoint_dtype(model):
+            overrides.insert(0, f"model.dtype={dtype}")
     if name is None and model is None:
         name = default
     # Quote values so a hub id or a path is never re-typed by YAML (e.g. a name like 1e5).
     return load_recipe(name, [_quote_first_class(o) for o in overrides])
+
+
+def _checkpoint_dtype(model: str) -> str | None:
+    """The dtype a model's config.json records (a bf16 checkpoint is run in bf16, not the default fp16); None when
+    the config cannot be had here or records none that rlhf runs in."""
+    from rlhf.budget.shapes import find_config
+
+    try:
+        config = json.loads(find_config(model).read_text())
+    except (UserError, OSError, ValueError):
+        return None
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "").removeprefix("torch.")
+    return dtype if dtype in ("float16", "bfloat16", "float32") else None
 
 
 def _check_model_name(model: str) -> None:
@@ -250,7 +287,7 @@ def _quote_first_class(item: str) -> str:
 
 def cmd_sft(args) -> int:
     from rlhf import budget, sft
-    from rlhf.runs import Run, new_run_dir
+    from rlhf.runs import Run, check_writable, new_run_dir
 
     recipe = resolve_recipe(args)
     if args.auto_fit:
@@ -260,6 +297,7 @@ def cmd_sft(args) -> int:
     if not args.run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("with several processes (accelerate launch), pass --run DIR so that all of them use one run")
     run = Run(Path(args.run)) if args.run else new_run_dir(recipe)
+    check_writable(run.root)
 
     def attempt(recipe, retry: bool) -> None:
         # A retry continues from a checkpoint when there is one; else it starts over in the directory it just made.
@@ -276,21 +314,28 @@ def cmd_merge(args) -> int:
     if args.weights and not args.adapters:
         raise UserError("--weights goes with --adapters A B ...: one weight per adapter")
     result = merge.run(
-        args.run, dtype=args.dtype, force=args.force, adapters=args.adapters, weights=args.weights, method=args.method
+        args.run,
+        dtype=args.dtype,
+        force=args.force,
+        adapters=args.adapters,
+        weights=args.weights,
+        method=args.method,
+        base_weights=args.base_weights,
     )
     return 0 if result is not None else 1
 
 
-def run_recipe(args, step: str):
-    """The run a step after merge works on and its recipe: --recipe, or the run's own, with the overrides applied."""
+def run_recipe(args, what: str, step: str | None = None):
+    """The run a step after merge works on and its recipe: --recipe, or the run's own (that step's, when it has run
+    before: RUN/recipe.yaml holds the last step's reward), with the overrides applied."""
     from rlhf.config import apply_overrides, resolve_path, validate
     from rlhf.runs import existing_run
 
-    run = existing_run(args.run, step)
+    run = existing_run(args.run, what)
     if args.recipe:
         recipe = resolve_recipe(args)
     else:  # the run's own recipe, with any overrides applied to it
-        recipe = validate(apply_overrides(run.load_recipe().model_dump(mode="json"), list(args.overrides)))
+        recipe = validate(apply_overrides(run.load_recipe(step).model_dump(mode="json"), list(args.overrides)))
     if getattr(args, "reward", None):
         args.reward = resolve_path(args.reward, Path.cwd())  # stored absolute: the run works from any folder
         recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": args.reward})})
@@ -301,7 +346,7 @@ def _cmd_rl(args, step, name: str, what: str) -> int:
     """rlhf ppo / rlhf grpo: the same flow, each with its own step module and run subdirectory."""
     from rlhf import budget
 
-    run, recipe = run_recipe(args, what)
+    run, recipe = run_recipe(args, what, name)
     if args.auto_fit:
         recipe = budget.auto_fit(recipe, name, args.gpu)
 
@@ -332,7 +377,7 @@ def cmd_reward(args) -> int:
 
     if args.preference_dataset:
         args.overrides = [*args.overrides, f"reward_model.dataset={args.preference_dataset!r}"]
-    run, recipe = run_recipe(args, "train a reward model on")
+    run, recipe = run_recipe(args, "train a reward model on", "reward")
     step.run(recipe, run, resume=args.resume, force=args.force, gpu=args.gpu)
     return 0
 
@@ -430,6 +475,10 @@ def _halved(step: str, recipe):
 def cmd_budget(args) -> int:
     from rlhf import budget
 
+    if args.list and args.gpu:  # which shipped models fit that card, and with which settings
+        from rlhf.budget import catalog
+
+        return catalog.main(args.gpu, args.step, args.json)
     if args.list:
         from rlhf.budget.shapes import shipped_models
 
@@ -530,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlhf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped reading (`rlhf budget | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one readable line, traceback on --debug
         from rlhf.errors import explain
 

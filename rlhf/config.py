@@ -103,6 +103,12 @@ class MergeConfig(Section):
     dtype: Literal["float16", "bfloat16"] = "float16"
     max_shard_size: str = "2GB"
     tolerance: float = Field(5e-2, gt=0, description="max |merged - (base + adapter)| logit difference allowed")
+    # An adapter trained on an NF4 base learned against the dequantized weights; `dequantized` merges it into those
+    # (every layer bitsandbytes quantized, rounded through NF4 as the training load did), `original` into the
+    # checkpoint's own. Measured differences: docs/memory.md.
+    base_weights: Literal["original", "dequantized"] = Field(
+        "original", description="merge into the original weights, or (after 4-bit sft) into their NF4 dequantization"
+    )
 
 
 class GenerationConfig(Section):
@@ -293,6 +299,9 @@ class RewardConfig(Section):
         description="a reward spec whose classifier decides `positive` (the positive rate) while the score comes "
         "from `name`: an independent judge for a learned reward",
     )
+    device: Literal["auto", "cpu", "cuda"] | None = Field(
+        None, description="where a classifier reward (and judge) runs; overrides the spec's device (cpu frees the GPU)"
+    )
 
 
 class RewardModelConfig(Section):
@@ -394,6 +403,25 @@ def _model_for(path: tuple[str, ...], root: type[BaseModel] | None = None) -> ty
     return model
 
 
+def _did_you_mean(section: tuple[str, ...], name: str, model: type[BaseModel] | None, root) -> str:
+    """' (did you mean sft.max_steps?)': the same key in a section, for a key given without one (max_steps=5), or a
+    close spelling in its own section (lora.rnak)."""
+    import difflib
+
+    if not section and (root or Recipe) is Recipe:
+        owners = [
+            f"{field}.{name}"
+            for field, info in Recipe.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+            and name in info.annotation.model_fields
+        ]  # fmt: skip
+        if owners:
+            listed = ", ".join(owners[:-1]) + f" or {owners[-1]}" if len(owners) > 1 else owners[0]
+            return f" (did you mean {listed}?)"
+    close = difflib.get_close_matches(name, list(model.model_fields) if model else [], n=1)
+    return f" (did you mean '{'.'.join((*section, close[0]))}'?)" if close else ""
+
+
 def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
     """One validation error as a sentence; `root` is the model validated (default: the Recipe)."""
     loc = tuple(str(p) for p in error["loc"])
@@ -404,7 +432,8 @@ def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str
         model = _model_for(section, root)
         valid = ", ".join(model.model_fields) if model else "?"
         where = f"section '{'.'.join(section)}'" if section else "the top level"
-        return f"unknown key '{key}'; valid keys in {where}: {valid}"
+        hint = _did_you_mean(section, loc[-1], model, root)
+        return f"unknown key '{key}'{hint}; valid keys in {where}: {valid}"
     if kind == "value_error":
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return f"'{key}': {message}" if key else message

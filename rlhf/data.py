@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +75,9 @@ def load_splits(cfg: DataConfig, setting: str = "data.dataset"):
     return _load_local(snapshot, cfg.config_name, setting)
 
 
-def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None) -> list[str]:
-    """The filtered text column of one split."""
+def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None, setting: str | None = None) -> list[str]:
+    """The filtered text column of one split. `min_chars` raises data.min_chars; `setting` is the recipe key that set
+    it, and the documents it drops are counted on stderr under that name."""
     splits = load_splits(cfg)
     if split not in splits:
         raise UserError(
@@ -97,13 +100,22 @@ def load_texts(cfg: DataConfig, split: str, min_chars: int | None = None) -> lis
             f"set data.text_column to a column of text{hint}"
         )
     limit = cfg.min_chars if min_chars is None else max(cfg.min_chars, min_chars)
+    if setting and limit > cfg.min_chars and int(os.environ.get("RANK", "0")) == 0:
+        short = sum(1 for t in column if isinstance(t, str) and t.strip() and cfg.min_chars < len(t) <= limit)
+        if short:
+            print(
+                f"{setting.split('.')[0]}: {short} of {len(column)} '{split}' documents have {limit} characters or "
+                f"fewer and are left out ({setting}={limit})",
+                file=sys.stderr,
+            )
     texts = [t for t in column if isinstance(t, str) and len(t) > limit and t.strip()]
     if cfg.max_documents is not None:
         texts = texts[: cfg.max_documents]
     if not texts:
         raise UserError(
             f"dataset '{cfg.dataset}' split '{split}' is empty after filtering "
-            f"({len(ds)} documents, none longer than {limit} characters); lower data.min_chars or check the data"
+            f"({len(ds)} documents, none longer than {limit} characters); lower "
+            f"{setting if setting and limit > cfg.min_chars else 'data.min_chars'} or check the data"
         )
     return texts
 

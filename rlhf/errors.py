@@ -38,5 +38,20 @@ def explain(exc: BaseException) -> tuple[str, int]:
             3,
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"disk full while writing ({exc.filename or 'output'}); free space and rerun with --resume", 2
+        return f"disk full while writing in {_folder(exc.filename)}; free space there and rerun with --resume", 2
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"cannot write in {_folder(exc.filename)} ({exc.strerror}); make it writable, or pass another --run DIR",
+            2,
+        )
     return f"{name}: {exc} (this is a bug in rlhf; the traceback is above)", 1
+
+
+def _folder(filename) -> str:
+    """Where a failed write went: the folder of one of rlhf's temporary files (.NAME.xxxx.tmp), else the path."""
+    import os
+
+    if not filename:
+        return "the output folder"
+    name = os.path.basename(str(filename))
+    return os.path.dirname(str(filename)) or "." if name.startswith(".") and name.endswith(".tmp") else str(filename)

@@ -185,8 +185,11 @@ class Judged:
         return Scores(scores, self.judge(texts).positive)
 
 
-def load_reward(name_or_path: str) -> ClassifierReward | CallableReward:
+def load_reward(name_or_path: str, device: str | None = None) -> ClassifierReward | CallableReward:
+    """The reward a spec names; `device` (the recipe's reward.device) overrides the spec's."""
     spec = load_spec(name_or_path)
+    if device is not None:
+        spec = spec.model_copy(update={"device": device})
     if spec.type == "adapter":
         raise UserError(
             f"{name_or_path} is a reward model of `rlhf reward`: it scores only inside `rlhf ppo --reward`, on the "

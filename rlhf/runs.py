@@ -177,6 +177,27 @@ def new_run_dir(recipe: Recipe, root: Path | None = None) -> Run:
     return Run(path)
 
 
+def check_writable(path: Path) -> None:
+    """A UserError naming `path` (or the folder that would hold it) when nothing can be written there: found before
+    minutes of loading, not at the first checkpoint. A probe file, as permissions alone do not tell (root, a read-only
+    mount, an immutable folder)."""
+    import errno
+    import tempfile
+
+    folder = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not folder.is_dir():
+        return  # a file where a directory belongs: the step's own check says so
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"{folder} is full; free space there, or pass another --run DIR") from None
+        raise UserError(
+            f"cannot write in {folder} ({exc.strerror}); make it writable, or pass another --run DIR"
+        ) from None
+
+
 def existing_run(run_dir: str | None, step: str) -> Run:
     """The run a later step works on: the one named, or the most recent one."""
     if run_dir is not None:
@@ -185,8 +206,9 @@ def existing_run(run_dir: str | None, step: str) -> Run:
             raise UserError(f"--run {run_dir} is a file, not a run directory; pass the directory `rlhf sft` wrote")
         if not run.root.is_dir():
             raise UserError(f"run directory '{run_dir}' does not exist; start a run with `rlhf sft --run {run_dir}`")
-        return run
-    run = latest_run()
-    if run is None:
-        raise UserError(f"no run to {step}: pass --run DIR, or start one with `rlhf sft`")
+    else:
+        run = latest_run()
+        if run is None:
+            raise UserError(f"no run to {step}: pass --run DIR, or start one with `rlhf sft`")
+    check_writable(run.root)
     return run

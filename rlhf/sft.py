@@ -117,6 +117,55 @@ def _metrics_callback(path: Path):
     return MetricsToJsonl()
 
 
+def _progress_callback(tokens_per_step: float, vocab_size: int):
+    """rlhf's own progress for SFT, as the RL steps show it: one bar (steps, loss, tokens/s, ETA) on rank 0, and a
+    one-line hint when the loss stays above a uniform guess. It replaces transformers' printer, which prints each
+    logged step as a quoted dictionary."""
+    from transformers import TrainerCallback
+
+    from rlhf.report import sft_loss_hint
+    from rlhf.rl.telemetry import progress
+
+    class Progress(TrainerCallback):
+        bar = None
+        hinted = False
+        loss = rate = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.first = time.perf_counter(), state.global_step
+            self.bar = progress("sft", state.max_steps, state.global_step, state.is_world_process_zero)
+
+        def show(self) -> None:
+            parts = [f"loss={self.loss:.4f}"] if self.loss is not None else []
+            parts += [f"tok/s={self.rate:,.0f}"] if self.rate is not None else []
+            self.bar.set_postfix_str(", ".join(parts), refresh=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seconds = time.perf_counter() - self.started
+            if seconds > 0 and state.global_step > self.first:
+                self.rate = tokens_per_step * (state.global_step - self.first) / seconds
+            self.show()
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or self.bar is None:
+                return
+            self.loss = float(logs["loss"])
+            self.show()
+            # After the first steps: a loss still above ln(vocabulary) learns nothing from its data.
+            if not self.hinted and state.global_step >= min(10, max(1, state.max_steps // 3)):
+                hint = sft_loss_hint(float(logs["loss"]), vocab_size)
+                if hint and state.is_world_process_zero:
+                    self.bar.write(f"sft: warning: {hint}", file=sys.stderr)
+                self.hinted = bool(hint)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return Progress()
+
+
 def _training_arguments(recipe: Recipe, run: Run):
     from transformers import TrainingArguments
 
@@ -150,7 +199,7 @@ def _training_arguments(recipe: Recipe, run: Run):
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
-        disable_tqdm=not sys.stderr.isatty() and os.environ.get("RLHF_PROGRESS") != "1",
+        disable_tqdm=True,  # rlhf's own bar (_progress_callback) instead
     )
 
 
@@ -240,6 +289,14 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
         data_collator=collator,
         callbacks=[_metrics_callback(metrics_path)],
     )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for printer in (PrinterCallback, ProgressCallback):  # quoted loss dictionaries: the bar below shows the loss
+        trainer.remove_callback(printer)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    filled = sum(map(sum, blocks.attention_mask)) / max(1, len(blocks))  # tokens a block: padding is no work done
+    per_step = filled * recipe.sft.batch_size * recipe.sft.gradient_accumulation_steps * world
+    trainer.add_callback(_progress_callback(per_step, base.config.vocab_size))
     output = trainer.train(resume_from_checkpoint=checkpoint)
 
     # --- save ---

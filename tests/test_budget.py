@@ -274,6 +274,12 @@ def test_ppo_logit_chunks_by_hand(small_dir):
         wide = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update=update)})
         logits = budget.estimate(wide, "ppo", 24 * GiB, CPU_REWARD).moments["update (backward)"]["logits"]
         assert logits == 2 * 64 * (response + 1) * V * 2 + chunks * 4 * 512 * V
+    # An entropy bonus: its forward's four fp32 chunks, its own gradient of the logits beside the log-probs' until
+    # autograd adds them, three fp32 chunks in its backward.
+    bonus = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update={"entropy_coef": 0.01})})
+    moments = budget.estimate(bonus, "ppo", 24 * GiB, CPU_REWARD).moments
+    assert moments["update (loss)"]["logits"] == 1 * kept * V * 2 + 4 * 4 * 8 * V
+    assert moments["update (backward)"]["logits"] == 3 * 1 * kept * V * 2 + 3 * 4 * 8 * V
 
 
 def test_reward_model_on_the_gpu_counts_its_weights(small_dir):
@@ -533,3 +539,33 @@ def test_budget_list_names_the_shipped_models(capsys):
                   "EleutherAI/gpt-neox-20b"):  # fmt: skip
         assert model in out, model
     assert "20.55 B parameters" in out and "lvwerra/distilbert-imdb" not in out  # causal LMs only
+
+
+def test_budget_list_with_a_card_says_which_shipped_models_fit_and_how(capsys):
+    """`rlhf budget --list --gpu 24GiB --step grpo`: every shipped model with its verdict, largest first; the largest
+    that fits is the 32B recipe on its NF4 base; gemma-2-27b fits only once 4-bit, which the line says."""
+    from conftest import cli
+
+    assert cli("budget", "--list", "--gpu", "24GiB", "--step", "grpo") == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "fits as it is" in lines["`qwen2.5-32b`"]
+    assert "fits with model.quantization=4bit" in lines["google/gemma-2-27b"]
+    assert out.index("qwen2.5-32b") < out.index("gemma-2-27b") < out.index("pythia-160m")  # largest first
+    assert out.strip().endswith("largest that fits: `qwen2.5-32b` recipe")
+
+    assert cli("budget", "--list", "--gpu", "16GiB", "--step", "ppo", "--json") == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["Qwen/Qwen2.5-32B"]["settings"] is None and not rows["Qwen/Qwen2.5-32B"]["fits"]
+    best = [r for r in rows.values() if r["largest"]]
+    assert len(best) == 1 and best[0]["model"] == "EleutherAI/gpt-neox-20b" and "4bit" in best[0]["settings"]
+    # the settings it names do fit: the same estimate with them applied
+    recipe = load_recipe("gpt-neox-20b", ["model.quantization=4bit"])
+    assert budget.estimate(recipe, "ppo", budget.gpu_bytes("16GiB")).fits
+
+
+def test_budget_list_on_a_card_refuses_merge(capsys):
+    from conftest import cli
+
+    assert cli("budget", "--list", "--gpu", "24GiB", "--step", "merge") == 2
+    assert "merge runs in RAM" in capsys.readouterr().err

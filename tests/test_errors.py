@@ -450,7 +450,7 @@ def test_nonfinite_reward_and_loss_skip_the_batch(merged_run, copy_run, tmp_path
         return (loss * float("nan"), stats) if len(calls) in (3, 4) else (loss, stats)
 
     monkeypatch.setattr(update, "policy_loss", nan_loss)
-    assert cli("ppo", "--run", run, "--reward", spec, *PPO_SMALL, "ppo.max_steps=2") == 0
+    assert cli("ppo", "--run", run, "--reward", spec, *PPO_SMALL, "ppo.max_steps=2", "ppo.score_norm=true") == 0
     err = capsys.readouterr().err
     assert "non-finite reward or log-probs at step 1; batch skipped" in err
     assert "non-finite loss or gradient at step 2; batch skipped" in err
@@ -458,6 +458,9 @@ def test_nonfinite_reward_and_loss_skip_the_batch(merged_run, copy_run, tmp_path
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["nonfinite_skipped"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["policy_loss"])) for r in rows)
+    # The running score statistics hold the two steps that trained (2 x 8 scores), not the skipped batch's.
+    state = json.loads((run / "ppo/checkpoints/step-2/state.json").read_text())
+    assert state["score_transform"]["moments"]["count"] == 16
 
 
 def test_nonfinite_in_a_row_stops_with_the_last_good_checkpoint(merged_run, copy_run, tmp_path, capsys, monkeypatch):

@@ -108,6 +108,11 @@ def test_grpo_loss_by_hand_with_a_clipped_token():
     # beta 0 (the KL in the reward): the policy part alone
     loss0, _ = grpo_loss(LOGP, old, REF, torch.tensor([1.0, -1.0]), MASK, 0.2, beta=0.0)
     assert loss0.item() == pytest.approx(-0.4, rel=1e-6)
+    # An entropy bonus of 0.05 x the token-mean entropy (2 + 4 + 6) / 3 = 4: loss and logged loss both lose 0.2.
+    entropy = torch.tensor([[2.0, 4.0], [6.0, 99.0]])  # [1, 1] is padding
+    loss_e, stats_e = grpo_loss(LOGP, old, REF, torch.tensor([1.0, -1.0]), MASK, 0.2, 0.1, entropy, 0.05)
+    assert loss_e.item() == pytest.approx(-0.4 + 0.1 * k3 - 0.2, rel=1e-6)
+    assert stats_e["loss"].item() == loss_e.item(), "the logged loss is the optimised one"
 
 
 # --- trl 1.16 -----------------------------------------------------------------------------------------------------

@@ -141,3 +141,44 @@ def test_generation_logprobs_are_the_scoring_passes_then_training_still_has_grad
     for name, grad in fresh.items():
         p = policy.get_parameter(name)
         assert p.grad is not None and torch.allclose(p.grad, grad, atol=1e-5), name
+
+
+# --- the merge after 4-bit training -----------------------------------------------------------------------------
+
+
+def test_dequantized_merge_writes_the_model_that_was_trained(nf4_run, copy_run):
+    """merge.base_weights=dequantized: each quantized weight is bitsandbytes' own NF4 dequantization plus the adapter's
+    delta, and the merged logits are the 4-bit base + adapter's (what was trained), where the default merge into the
+    original weights is far from them."""
+    import bitsandbytes.functional as F
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    shape, shared = nf4_run
+    original = json.loads((shared / "merged/merge.json").read_text())
+    run = copy_run(shared)
+    assert cli("merge", "--run", run, "--force", "--base-weights", "dequantized") == 0
+    record = json.loads((run / "merged/merge.json").read_text())
+    assert record["base_weights"] == "dequantized"
+    assert record["max_abs_diff_logits"] == record["max_abs_diff_logits_vs_trained"] <= 2e-2
+    assert original["max_abs_diff_logits_vs_trained"] > 10 * record["max_abs_diff_logits_vs_trained"]
+    assert "rounded through NF4" in (run / "merged/README.md").read_text()
+
+    yaml_model = yaml.safe_load((run / "recipe.yaml").read_text())["model"]
+    base = modeling.load_base(ModelConfig(**yaml_model), yaml_model["name"])
+    assert record["nf4_rounded_tensors"] == sum(isinstance(m, Linear4bit) for m in base.modules())
+    trained = PeftModel.from_pretrained(base, run / "sft/adapter")
+    merged = load_file(run / "merged/model.safetensors")
+    layer = next(m for n, m in trained.named_modules() if n.endswith(SHAPES[shape][0]) and hasattr(m, "base_layer"))
+    name = next(n for n, m in trained.base_model.model.named_modules() if m is layer) + ".weight"
+    weight = layer.base_layer.weight
+    expected = F.dequantize_4bit(weight.data, weight.quant_state).float() + layer.get_delta_weight("default").float()
+    assert torch.allclose(merged[name].float(), expected, rtol=1e-3, atol=1e-4), (merged[name] - expected).abs().max()
+
+
+def test_dequantized_merge_after_an_8bit_sft_is_one_line(sft_run, copy_run, capsys):
+    run = copy_run(sft_run)
+    assert cli("merge", "--run", run, "--base-weights", "dequantized") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.quantization=8bit" in err[0] and "merge.base_weights=original" in err[0]
+    assert not (run / "merged").exists()

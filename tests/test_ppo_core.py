@@ -107,6 +107,25 @@ def test_logprobs_backward_keeps_no_full_fp32_copy():
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
 
 
+def test_entropy_bonus_keeps_no_fp32_copy_for_backward():
+    """An entropy bonus (entropy with grad) keeps for backward the logits the caller holds anyway and two [B, T]
+    tensors: none of the three fp32 [B, T, V] tensors plain autograd would keep (log_softmax, its exp, their product),
+    which the budget does not count."""
+    logits = torch.randn(4, 16, 1000).to(torch.bfloat16).requires_grad_()
+    saved: list[torch.Tensor] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        entropy = entropy_from_logits(logits, chunk_tokens=16)
+    fp32_full = 4 * 16 * 1000 * 4
+    assert sum(x.numel() * x.element_size() for x in saved if x.dtype == torch.float32) < fp32_full / 100
+    entropy.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
 def test_entropy_by_hand():
     # p = [1/4, 1/4, 1/2]: H = 2 * (1/4) ln 4 + (1/2) ln 2 = ln 2 + 0.5 ln 2 = 1.5 ln 2.
     # Uniform over 3: H = ln 3. One-hot (others -inf): H = 0.

@@ -312,6 +312,24 @@ def test_kl_ceiling_stops_early_with_the_last_good_checkpoint(merged_run, copy_r
     assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
 
 
+def test_roll_back_before_any_checkpoint_restores_the_start(merged_run, copy_run, tmp_path, capsys):
+    """The guard fires at step 2 with no checkpoint saved: the saved adapter is the reference (B = 0), the value head
+    the untrained one, and metrics.jsonl holds no row of the steps rolled back."""
+    from safetensors.torch import load_file
+
+    run = copy_run(merged_run)
+    assert cli("ppo", "--run", run, *SMALL, "ppo.max_steps=4", "ppo.save_steps=10", "ppo.kl_ceiling=1e-9") == 0
+    assert "going back to the policy before PPO" in capsys.readouterr().err
+    ev = json.loads((run / "ppo/eval.json").read_text())
+    assert ev["steps"] == 0 and ev["kl_after"] == pytest.approx(0.0, abs=1e-4)
+    assert read_jsonl(run / "ppo/metrics.jsonl") == [] and read_jsonl(run / "ppo/samples.jsonl") == []
+    adapter = load_file(run / "ppo/adapter/adapter_model.safetensors")
+    assert all(v.abs().sum() == 0 for k, v in adapter.items() if "lora_B" in k)
+    untrained = _trainer(merged_run, tmp_path / "fresh").policy.value_head.state_dict()  # same seed, same first head
+    saved = load_file(run / "ppo/adapter/value_head.safetensors")
+    assert all(torch.equal(saved[k], untrained[k].cpu()) for k in untrained), "the value head is the untrained one"
+
+
 def test_diversity_floor_guard():
     from types import SimpleNamespace
 

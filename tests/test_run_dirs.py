@@ -11,6 +11,7 @@ import yaml
 from conftest import cli
 
 from rlhf.config import load_recipe
+from rlhf.io import read_jsonl
 from rlhf.runs import Run
 
 PPO = ["ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1",
@@ -75,15 +76,17 @@ def test_a_moved_run_continues_from_anywhere_and_its_report_names_each_steps_rew
     shutil.move(tmp_path / "a", tmp_path / "b")  # the run moves; the command runs from a folder of no relevance
     (tmp_path / "c").mkdir()
     monkeypatch.chdir(tmp_path / "c")
+    assert cli("grpo", "--recipe", "quickstart", "--run", "../b/run", "--reward", "quickstart-sentiment", *GRPO) == 0
+    # PPO continues on its own reward, though GRPO's rewrote RUN/recipe.yaml since
     capsys.readouterr()
     assert cli("ppo", "--run", "../b/run", "--resume", "ppo.max_steps=2") == 0, capsys.readouterr().err
-    assert cli("grpo", "--recipe", "quickstart", "--run", "../b/run", "--reward", "quickstart-sentiment", *GRPO) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "b/run/ppo/metrics.jsonl")] == [1, 2]
     assert cli("report", "--run", "../b/run") == 0
 
     moved = tmp_path / "b/run"
     ppo_reward = yaml.safe_load((moved / "ppo/recipe.yaml").read_text())["reward"]["name"]
     assert ppo_reward == str(project / "words.yaml")
-    assert yaml.safe_load((moved / "recipe.yaml").read_text())["reward"]["name"] == "quickstart-sentiment"
+    assert yaml.safe_load((moved / "grpo/recipe.yaml").read_text())["reward"]["name"] == "quickstart-sentiment"
     report = (moved / "report.md").read_text()
     assert f"- reward (PPO): `{project / 'words.yaml'}`" in report, report
     assert "- reward (GRPO): `quickstart-sentiment`" in report

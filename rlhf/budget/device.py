@@ -3,13 +3,16 @@ machine (its free memory), or free RAM for a CPU run."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.units import GiB, MiB, format_bytes, parse_size
 
-# Memory torch.cuda.mem_get_info reports as total on each card (the driver keeps the rest of the nominal size).
+# Memory torch.cuda.mem_get_info reports as total on each card (the driver keeps the rest of the nominal size). The
+# first eight were read on the cards; the consumer cards and the A10G below them are nvidia-smi's total less the
+# ~300 MiB the driver keeps on the cards above (not measured here): plan with a little margin.
 GPUS = {
     "rtx4090": int(23.64 * GiB),
     "rtx3090": int(23.69 * GiB),
@@ -19,15 +22,38 @@ GPUS = {
     "a100-40": int(39.50 * GiB),
     "a100-80": int(79.14 * GiB),
     "h100": int(79.10 * GiB),
+    "rtx3060": int(11.70 * GiB),  # the 12 GB RTX 3060
+    "rtx4060ti-16gb": int(15.70 * GiB),
+    "rtx4070tisuper": int(15.70 * GiB),
+    "rtx4080": int(15.70 * GiB),
+    "rtx5090": int(31.55 * GiB),
+    "a10g": int(22.19 * GiB),  # AWS's A10 (g5 instances): the A10's 24 GB
 }
+# Other spellings people write: 4090, RTX 4090, "GeForce RTX 4060 Ti", 4070-ti-super, A10G ...
+# (a bare 4060 Ti is no alias: it also comes with 8 GB)
+ALIASES = {"rtx4060ti16": "rtx4060ti-16gb"}
+
+
+def gpu_name(spec: str) -> str | None:
+    """The GPUS key a user's spelling names (case, spaces, dashes, NVIDIA/GeForce and RTX are optional); None."""
+    key = re.sub(r"[\s_\-]", "", spec.lower()).removeprefix("nvidia").removeprefix("geforce")
+    plain = {re.sub(r"[\s_\-]", "", name): name for name in GPUS}
+    for candidate in (key, f"rtx{key}"):
+        if candidate in plain:
+            return plain[candidate]
+        if candidate in ALIASES:
+            return ALIASES[candidate]
+    return None
+
+
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels; outside torch's allocator, so not in max_memory_reserved
 
 
 def gpu_bytes(spec: str, source: str = "--gpu") -> int:
     """A GPU name (rtx4090, a100-80, ...) or a size (24GiB, 512MiB, 24GB) in bytes; UserError otherwise."""
-    key = spec.strip().lower()
-    if key in GPUS:
-        return GPUS[key]
+    name = gpu_name(spec)
+    if name is not None:
+        return GPUS[name]
     size = parse_size(spec)
     if size is None:
         raise UserError(

@@ -8,21 +8,19 @@ from typing import Any
 
 from rlhf.budget.device import resolve_device
 from rlhf.budget.lengths import DataLengths
-from rlhf.budget.peak import Estimate, estimate, load_reward_spec
+from rlhf.budget.peak import Estimate, estimate
 from rlhf.config import Recipe
 
 
 @dataclass(frozen=True)
 class Change:
-    key: str  # a dotted recipe key, or "reward.device" (a field of the reward spec YAML)
+    key: str  # a dotted recipe key: the change is pasted as KEY=VALUE
     value: Any
     cost: int  # 1 slower only, 2 nearly the same results, 3 trains on something different, 4 a weaker base
     why: str
 
     def __str__(self) -> str:
         value = str(self.value).lower() if isinstance(self.value, bool) else self.value
-        if self.key == "reward.device":
-            return f"reward-spec:device={value}"  # a field of reward_models/NAME.yaml, not a recipe override
         return f"{self.key}={value}"
 
 
@@ -51,10 +49,7 @@ def _set(recipe: Recipe, key: str, value: Any) -> Recipe:
 
 def apply_changes(recipe: Recipe, spec: dict | None, changes: tuple[Change, ...]) -> tuple[Recipe, dict | None]:
     for change in changes:
-        if change.key == "reward.device":
-            spec = {**(spec or load_reward_spec(recipe.reward.name)), "device": change.value}
-        else:
-            recipe = _set(recipe, change.key, change.value)
+        recipe = _set(recipe, change.key, change.value)
     return recipe, spec
 
 
@@ -84,6 +79,10 @@ def _first_fitting(est: Estimate, base: tuple[Change, ...], options: list[tuple[
 
 
 EIGHT_BIT_ADAM = "8-bit optimizer states: nearly the same results"
+MIN_NEW_TOKENS = 4  # shorter responses than this say too little for a reward to judge: never suggested
+# A change that does not make the step fit is suggested at its mildest option that saves this share of what its
+# strongest would: rollout_batch_size=1 saves hardly more than 8 and makes generation many times slower.
+USEFUL_SHARE = 0.9
 
 
 def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
@@ -146,7 +145,7 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
         sequences = cfg.batch_size * getattr(cfg, "group_size", 1)  # generated per step
         spec = est.reward_spec or {}
         if spec.get("model") and spec.get("device", "auto") != "cpu" and est.device_kind == "cuda":
-            why = f"device: cpu in the reward spec ({recipe.reward.name}): slower scoring"
+            why = f"the reward classifier ({recipe.reward.name}) on the CPU: slower scoring"
             knobs.append([(Change("reward.device", "cpu", 1, why),)])
         if not cfg.gradient_checkpointing:
             knobs.append([(Change(f"{step}.gradient_checkpointing", True, 1, "~30% slower updates, same training"),)])
@@ -179,7 +178,7 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
                 (Change(f"{step}.generation.max_new_tokens", n, 3, "shorter responses"),)
                 + ((Change(f"{step}.generation.min_new_tokens", n, 3, ""),) if gen.min_new_tokens > n else ())
                 for n in (gen.max_new_tokens // 2**k for k in range(1, 6))
-                if n >= 1
+                if n >= MIN_NEW_TOKENS
             ]
         )
     else:
@@ -205,8 +204,13 @@ def suggest(est: Estimate) -> list[Suggestion]:
     knobs = _knobs(est)
     singles = []
     for knob in knobs:
-        changes = _first_fitting(est, (), knob)
-        new = _reestimate(est, changes)
+        new_by = [(changes, _reestimate(est, changes)) for changes in knob]
+        fit = next(((c, n) for c, n in new_by if n.fits), None)
+        if fit is None:  # not enough alone: the mildest option that saves nearly all its strongest would
+            least = new_by[-1][1].total_bytes
+            enough = est.total_bytes - USEFUL_SHARE * (est.total_bytes - least)
+            fit = next((c, n) for c, n in new_by if n.total_bytes <= enough)
+        changes, new = fit
         if new.total_bytes < est.total_bytes:
             singles.append(Suggestion(changes, new.total_bytes, new.fits))
     fitting = [s for s in singles if s.fits]

@@ -217,6 +217,12 @@ def rl_moments(
     # the log-prob backward holds two fp32 chunks (x - logsumexp, its exp), and the previous chunk's gradient until the
     # next replaces it when there are several (measured with torch's memory profiler, fp16 and fp32 logits alike)
     backward_chunks = 2 if chunk == micro * response else 3
+    forward_chunks, logits_grads = 2, 1
+    if cfg.entropy_coef > 0:
+        # An entropy bonus (rlhf.rl.core._Entropy) saves no fp32 [B, T, V] tensor, but its forward holds four fp32
+        # chunks at once (as scoring's), its backward recomputes p and log p in up to three, and its gradient of the
+        # logits exists beside the log-probs' until autograd adds the two.
+        forward_chunks, logits_grads, backward_chunks = 4, 2, max(backward_chunks, 3)
     grads = 4 * (n_lora + value_params)
     # the value head's input kept (a view of the final norm's output) and its saved fp32 copy
     head = resident["value_head"] + (micro * seq * h * d + 4 * micro * response * h) * has_value_head
@@ -226,14 +232,15 @@ def rl_moments(
         "gradients": grads,
         "activations": at_loss,
         "value_head": head,
-        "logits": update_logits + 2 * 4 * chunk * V,
+        "logits": update_logits + forward_chunks * 4 * chunk * V,
     }
     update_backward = {
         **resident,
         "gradients": grads,
         "activations": at_backward,
         "value_head": head,
-        "logits": 2 * update_logits + backward_chunks * 4 * chunk * V,  # logits kept, their gradient, fp32 chunks
+        # logits kept, their gradient(s), fp32 chunks
+        "logits": (1 + logits_grads) * update_logits + backward_chunks * 4 * chunk * V,
     }
     moments = {
         "generation (KV cache)": generation,
@@ -262,9 +269,17 @@ def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
     out = DTYPE_BYTES[recipe.merge.dtype]
     cast = shape.checkpoint_dtype != recipe.merge.dtype
     targets = lora_targets(shape, recipe.lora)
+    rounded = recipe.merge.base_weights == "dequantized"  # every quantized linear goes through NF4 and back
     largest = max(
         (
-            working_set_bytes(lin.in_features * lin.out_features, src, out, merged=lin.name in targets, cast=cast)
+            working_set_bytes(
+                lin.in_features * lin.out_features,
+                src,
+                out,
+                merged=lin.name in targets,
+                cast=cast,
+                rounded=rounded and lin.quantized,
+            )
             for lin in shape.linears
         ),
         default=0,
@@ -275,5 +290,6 @@ def merge_ram(recipe: Recipe, shape: ModelShape) -> tuple[dict, int, str]:
     disk = out * shape.params  # non-persistent buffers (rotary frequencies) are not saved
     settings = (
         f"streamed on the CPU, one tensor at a time, to {recipe.merge.dtype} shards of {recipe.merge.max_shard_size}"
+        + ("; into the NF4-dequantized weights" if rounded else "")
     )
     return parts, disk, settings

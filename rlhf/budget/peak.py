@@ -122,6 +122,10 @@ def with_recipe(spec: dict[str, Any], recipe: Recipe, shape: ModelShape) -> dict
         spec["adapter"] = {"rank": lora.rank, "targets": lora_targets(shape, lora)}
     if recipe.reward.judge and "judge" not in spec:
         spec["judge"] = load_reward_spec(recipe.reward.judge)
+    if recipe.reward.device is not None:  # the recipe's reward.device overrides the specs'
+        for part in (spec, spec.get("judge")):
+            if part and part.get("model"):
+                part["device"] = recipe.reward.device
     return spec
 
 

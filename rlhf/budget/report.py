@@ -58,8 +58,13 @@ _SHRINK["grpo"] = {k: v.replace("ppo.", "grpo.") for k, v in _SHRINK["ppo"].item
 def render_table(est: Estimate, suggestions: bool = True) -> str:
     total = est.total_bytes
     where = "RAM" if est.step == "merge" else ("RAM (CPU run)" if est.device_kind == "cpu" else "GPU")
+    ram = (
+        ", planned against this machine's free RAM (a CPU run; --gpu NAME|SIZE plans for a card)"
+        if est.device_kind == "cpu" and est.step != "merge"
+        else ""
+    )
     lines = [
-        f"memory budget: {est.step} of {est.model} ({est.params:,} parameters)",
+        f"memory budget: {est.step} of {est.model} ({est.params:,} parameters){ram}",
         f"  {est.settings}",
         f"  plan for: {est.device}",
         f"  peak: {est.peak}",
@@ -91,10 +96,7 @@ def render_table(est: Estimate, suggestions: bool = True) -> str:
     if suggestions and not est.fits:
         ranked = suggest(est)
         if ranked:
-            lines.append(
-                "cheapest changes, each re-estimated (recipe KEY=VALUE overrides; reward-spec: the "
-                "reward model's YAML):"
-            )
+            lines.append("cheapest changes, each re-estimated (KEY=VALUE overrides: add them to the command):")
             for n, s in enumerate(ranked, 1):
                 status = "fits" if s.fits else "still over"
                 why = "; ".join(c.why for c in s.changes if c.why)
@@ -118,8 +120,22 @@ def verdict(est: Estimate) -> str:
     )
 
 
+def to_json(est: Estimate) -> dict:
+    """`rlhf budget --json` for one step: the Estimate's numbers, the peak moment, the device planned against and the
+    changes that would shrink it, each as the KEY=VALUE overrides to paste."""
+    return est.to_json() | {
+        "peak_moment": est.peak,
+        "device_kind": est.device_kind,
+        "device": est.device,
+        "suggestions": [
+            {"overrides": s.text, "total_bytes": s.total_bytes, "fits": s.fits}
+            for s in (suggest(est) if not est.fits else [])
+        ],
+    }
+
+
 def main(recipe: Recipe, step: str, gpu: str | None, as_json: bool) -> int:
-    """`rlhf budget`: print the table (or JSON) for one step or all; the exit code is 0 whatever the verdict."""
+    """`rlhf budget`: print the table (or JSON) for one step or all; exit 3 when a step does not fit, else 0."""
     steps = list(STEPS) if step == "all" else [step]
     estimates = []
     for name in steps:
@@ -131,11 +147,11 @@ def main(recipe: Recipe, step: str, gpu: str | None, as_json: bool) -> int:
         est.notes += [note] if note else []
         estimates.append(est)
     if as_json:
-        data = [e.to_json() for e in estimates]
+        data = [to_json(e) for e in estimates]
         print(json.dumps(data if step == "all" else data[0], indent=2))
     else:
         print("\n\n".join(render_table(e) for e in estimates))
-    return 0
+    return 0 if all(e.fits for e in estimates) else DoesNotFit.exit_code
 
 
 def preflight(

@@ -88,7 +88,7 @@ def kl_penalised_scores(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, 
 
 def grpo_loss(
     logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float,
-    beta: float,
+    beta: float, entropy: Tensor | None = None, entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """The clipped surrogate with each sequence's advantage on all its tokens, plus beta x the k3 KL per token:
 
@@ -97,8 +97,9 @@ def grpo_loss(
     k3 = exp(ref - logp) - (ref - logp) - 1 is non-negative and, unlike k1, its gradient pulls towards the reference
     on every token. A token mean over the batch (trl's "bnpo"/"dapo" normalisation): long and short responses weigh
     per token, and micro-batches add up to the mini-batch's mean (`rlhf.rl.update`). beta = 0 leaves the KL out (the
-    KL in the reward). Gradients flow into `logprobs` only. Stats (detached): loss, policy_loss, kl_loss (the mean
-    k3), clipfrac, approx_kl, ratio.
+    KL in the reward). With `entropy_coef` > 0, minus entropy_coef x the token-mean `entropy` [B, T] (a bonus).
+    Gradients flow into `logprobs` (and `entropy`) only. Stats (detached): loss (what is optimised, every term),
+    policy_loss, kl_loss (the mean k3), clipfrac, approx_kl, ratio.
     """
     per_token_advantages = advantages.float()[:, None].expand_as(mask)
     pg, stats = policy_loss(logprobs, old_logprobs, per_token_advantages, mask, cliprange)
@@ -106,4 +107,6 @@ def grpo_loss(
     ref_logprobs = torch.where(mask.bool(), ref_logprobs.float(), logprobs.detach().float())
     kl = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
     loss = pg + beta * kl if beta else pg
+    if entropy_coef > 0:  # higher entropy lowers the loss
+        loss = loss - entropy_coef * masked_mean(entropy, mask)
     return loss, {"loss": loss.detach(), "policy_loss": pg.detach(), "kl_loss": kl.detach(), **stats}

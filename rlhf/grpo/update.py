@@ -9,7 +9,6 @@ from torch import Tensor
 from rlhf.config import GrpoConfig
 from rlhf.grpo import core
 from rlhf.rl import update
-from rlhf.rl.core import masked_mean
 from rlhf.rl.policy import Scored
 from rlhf.rl.rollout import Rollout
 from rlhf.rl.telemetry import Timer
@@ -32,18 +31,10 @@ def optimise(
     beta = cfg.beta if cfg.kl_in == "loss" else 0.0
 
     def loss_fn(out: Scored, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, stats = core.grpo_loss(
-            out.logprobs,
-            rollout.logprobs[idx],
-            rollout.ref_logprobs[idx],
-            advantages[idx],
-            mask[idx],
-            cfg.cliprange,
-            beta,
-        )
-        if cfg.entropy_coef > 0:  # a bonus, as PPO's: higher entropy lowers the loss
-            loss = loss - cfg.entropy_coef * masked_mean(out.entropy, mask[idx])
-        return loss, stats
+        return core.grpo_loss(
+            out.logprobs, rollout.logprobs[idx], rollout.ref_logprobs[idx], advantages[idx], mask[idx], cfg.cliprange,
+            beta, out.entropy, cfg.entropy_coef,
+        )  # fmt: skip
 
     return update.run_epochs(
         rollout, opt, loss_fn, STATS, epochs=cfg.epochs, mini_batch_size=cfg.mini_batch_size,

@@ -31,8 +31,19 @@ def model_card(record: dict[str, Any], adapter_config: dict[str, Any], tolerance
             f"max abs(merged - (base + peft delta)) = {record['max_abs_diff_weights']:.3g}, "
             f"every element within one {record['dtype']} rounding step",
         ),
-        ("Check: logits", f"max abs(merged - (fp32 base + adapter)) = {logits}"),
+        ("Check: logits", f"max abs(merged - ({_reference(record)})) = {logits}"),
     ]
+    if record.get("base_weights") == "dequantized":
+        rows.insert(1, ("Base weights", "rounded through NF4 as the 4-bit training run saw them (merge.base_weights)"))
+    elif record.get("max_abs_diff_logits_vs_trained") is not None:
+        rows.append(
+            (
+                "4-bit training",
+                f"max abs(merged - (4-bit base + adapter, as trained)) = "
+                f"{record['max_abs_diff_logits_vs_trained']:.3g}; merge.base_weights=dequantized merges into the "
+                f"weights the adapter was trained on",
+            )
+        )
     lines = [
         "---",
         f"base_model: {base}",
@@ -53,3 +64,7 @@ def model_card(record: dict[str, Any], adapter_config: dict[str, Any], tolerance
     if record.get("recipe_yaml"):
         lines += ["", "## Recipe", "", "```yaml", record["recipe_yaml"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _reference(record: dict[str, Any]) -> str:
+    return "4-bit base + adapter, as trained" if record.get("base_weights") == "dequantized" else "fp32 base + adapter"

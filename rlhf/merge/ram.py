@@ -20,12 +20,19 @@ if TYPE_CHECKING:  # the merge's own modules import torch; the budget's use of t
     from rlhf.tensorfiles import TensorEntry
 
 
-def working_set_bytes(numel: int, in_bytes: int, out_bytes: int, *, merged: bool, cast: bool) -> int:
+def working_set_bytes(
+    numel: int, in_bytes: int, out_bytes: int, *, merged: bool, cast: bool, rounded: bool = False
+) -> int:
     """The bytes one tensor needs while the stream handles it.
 
     A LoRA target holds the base tensor, two fp32 tensors and the output (`step.merge_lora_weight`): 12 bytes an
-    element for an fp16 base. Any other tensor: its input, and its output when the dtype changes (`cast`).
+    element for an fp16 base. Any other tensor: its input, and its output when the dtype changes (`cast`). A tensor
+    rounded through NF4 (`merge.base_weights=dequantized`) holds its input, an fp32 copy, the 4-bit codes and the fp32
+    dequantization while it is rounded; the fp32 result then stands in for the input.
     """
+    if rounded:
+        rounding = numel * (in_bytes + 8) + numel // 2
+        return max(rounding, working_set_bytes(numel, 4, out_bytes, merged=merged, cast=True))
     if merged:
         return numel * (in_bytes + 8 + out_bytes)
     return numel * (in_bytes + (out_bytes if cast else 0))
@@ -37,24 +44,37 @@ def peak_ram_parts(process_bytes: int, adapter_bytes: int, largest_working_set: 
     return {"process": process_bytes, "adapters": 2 * adapter_bytes, "tensor": largest_working_set}
 
 
-def largest_working_set(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype) -> int:
-    """The largest `working_set_bytes` among the checkpoint's tensors, merged into `dtype`."""
+def largest_working_set(
+    entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype, rounded: set[str] = frozenset()
+) -> int:
+    """The largest `working_set_bytes` among the checkpoint's tensors, merged into `dtype` (`rounded`: through NF4)."""
     from rlhf.merge.io import output_dtype
 
     def need(entry: TensorEntry) -> int:
         out = output_dtype(entry.dtype, dtype)
         merged = entry.name in plan.targets or entry.name in plan.bias_targets
         return working_set_bytes(
-            entry.numel, entry.dtype.itemsize, out.itemsize, merged=merged, cast=out != entry.dtype
+            entry.numel,
+            entry.dtype.itemsize,
+            out.itemsize,
+            merged=merged,
+            cast=out != entry.dtype,
+            rounded=entry.name in rounded,
         )
 
     return max(map(need, entries), default=0)
 
 
-def predict_peak_ram(entries: list[TensorEntry], plan: MergePlan, dtype: torch.dtype, adapter_bytes: int) -> int:
+def predict_peak_ram(
+    entries: list[TensorEntry],
+    plan: MergePlan,
+    dtype: torch.dtype,
+    adapter_bytes: int,
+    rounded: set[str] = frozenset(),
+) -> int:
     """This process now, plus the adapter twice, plus the largest one-tensor working set (`peak_ram_parts`)."""
     rss = psutil.Process().memory_info().rss
-    return sum(peak_ram_parts(rss, adapter_bytes, largest_working_set(entries, plan, dtype)).values())
+    return sum(peak_ram_parts(rss, adapter_bytes, largest_working_set(entries, plan, dtype, rounded)).values())
 
 
 def check_fits(

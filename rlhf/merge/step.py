@@ -25,6 +25,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from rlhf.config import ModelConfig
 from rlhf.dtypes import torch_dtype
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir
@@ -49,6 +50,7 @@ from rlhf.merge.io import (
     tensor_bytes,
     write_model_files,
 )
+from rlhf.merge.nf4 import nf4_round_trip, quantized_weight_names
 from rlhf.merge.ram import check_fits, predict_peak_ram
 from rlhf.merge.verify import MergeCheckFailed, PeftReference, check_rounding, probe_logits
 from rlhf.resolve import resolve_model
@@ -84,12 +86,19 @@ def run(
     weights: list[float] | None = None,
     method: str = "linear",
     density: float = 0.5,
+    base_weights: str | None = None,
 ) -> MergeResult:
     """Merge RUN/sft/adapter (or several adapters, combined by peft) into the recipe's base model: RUN/merged."""
     start = time.perf_counter()
     training_run = existing_run(run_dir, "merge")
     recipe = training_run.load_recipe()
     dtype = dtype or recipe.merge.dtype
+    base_weights = base_weights or recipe.merge.base_weights
+    if base_weights == "dequantized" and recipe.model.quantization != "4bit":
+        raise UserError(
+            f"merge.base_weights=dequantized merges into the NF4-dequantized weights a 4-bit sft trained on, but this "
+            f"run's sft used model.quantization={recipe.model.quantization}; use merge.base_weights=original"
+        )
     adapter_dirs, weights = _check_args(training_run, dtype, adapters, weights, method, density)
     for adapter_dir in adapter_dirs:
         check_supported(adapter_dir, adapter_config(adapter_dir))
@@ -104,6 +113,7 @@ def run(
             "weights": weights if combined else None,
             "method": method if combined else None,
             "density": density if combined and method in ("ties", "dare_ties") else None,
+            **({"base_weights": base_weights} if base_weights != "original" else {}),
         },
     )
     if training_run.merged.exists() and not force:
@@ -131,6 +141,8 @@ def run(
         force=force,
         trust_remote_code=recipe.model.trust_remote_code,
         provenance=provenance,
+        base_weights=base_weights,
+        trained=recipe.model if recipe.model.quantization == "4bit" else None,
     )
     if not combined:
         return merge_checkpoint(base_dir, adapter_dirs[0], training_run.merged, **options)
@@ -217,11 +229,15 @@ def merge_checkpoint(
     trust_remote_code: bool = False,
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
+    base_weights: str = "original",
+    trained: ModelConfig | None = None,
 ) -> MergeResult:
     """Merge one LoRA adapter into a safetensors checkpoint, streaming, and write a HF model dir to `out_dir`.
 
     `out_dir` appears only when everything is written and checked (it replaces an existing one). `probe`: None runs
     the logit probe when the fp32 model takes under 1/4 of the available RAM. `force` skips the RAM and disk check.
+    `trained`: the model settings of a 4-bit training run; with `base_weights="dequantized"` every weight that run
+    quantized is first rounded through NF4, and the probe also compares with the 4-bit base + adapter it trained.
     """
     start = time.perf_counter()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
@@ -233,16 +249,22 @@ def merge_checkpoint(
     check_not_quantized(base_dir, config, entries)
     adapter = read_adapter(adapter_dir)
     plan = plan_merge(entries, adapter, config)
+    rounded: set[str] = set()
+    if base_weights == "dequantized":
+        if trained is None:
+            raise UserError("base_weights='dequantized' needs the 4-bit training run's model settings (trained=)")
+        rounded = quantized_weight_names(base_dir, entries, trust_remote_code)
 
     outputs = [(e.name, output_dtype(e.dtype, target_dtype), e.shape) for e in entries]
     shards = plan_shards(outputs, max_shard_bytes(max_shard_size))
     out_bytes = sum(tensor_bytes(d, s) for _, d, s in outputs)
     params = sum(e.numel for e in entries if e.dtype.is_floating_point)
-    predicted = predict_peak_ram(entries, plan, target_dtype, adapter.nbytes)
+    predicted = predict_peak_ram(entries, plan, target_dtype, adapter.nbytes, rounded)
     print(
         f"merge {adapter_dir} into {base_dir}: {len(entries)} tensors ({len(plan.targets)} LoRA targets) in "
         f"{len(group_by_file(entries))} shard(s), {_count(params)} parameters -> {dtype}, {len(shards)} shard(s) "
-        f"of at most {max_shard_size}",
+        f"of at most {max_shard_size}"
+        + (f"; into the NF4-dequantized weights of {len(rounded)} quantized layers" if rounded else ""),
         flush=True,
     )
     check_fits(predicted, out_bytes, out_dir, entries, adapter.nbytes, force)
@@ -254,7 +276,9 @@ def merge_checkpoint(
 
     reference = PeftReference(adapter)
     with atomic_dir(out_dir) as tmp:
-        max_diff = _stream(entries, plan, reference, ShardWriter(tmp, shards), target_dtype, progress)
+        load_dtype = torch_dtype(trained.dtype) if trained is not None else target_dtype
+        writer = ShardWriter(tmp, shards)
+        max_diff = _stream(entries, plan, reference, writer, target_dtype, progress, rounded, load_dtype)
         stream_peak = peak_rss_bytes()
         print(
             f"weights: max |merged - (base + peft delta)| = {max_diff:.3g}, each within one {dtype} rounding step",
@@ -263,12 +287,22 @@ def merge_checkpoint(
         write_model_files(base_dir, adapter_dir, tmp, config, dtype, shards)
 
         logits_diff = None
+        probes: dict[str, float] = {}
         if probe:
-            logits_diff = probe_logits(base_dir, adapter_dir, tmp, trust_remote_code)
-            print(f"logits: max |merged - (base + adapter)| = {logits_diff:.3g} (tolerance {tolerance:g})", flush=True)
+            probes = probe_logits(base_dir, adapter_dir, tmp, trust_remote_code, trained)
+            # The check is against the weights merged into: the original ones, or the 4-bit model as trained.
+            logits_diff = probes["trained" if rounded else "original"]
+            against = "4-bit base + adapter, as trained" if rounded else "base + adapter"
+            print(f"logits: max |merged - ({against})| = {logits_diff:.3g} (tolerance {tolerance:g})", flush=True)
+            if "trained" in probes and not rounded:
+                print(
+                    f"logits: max |merged - (4-bit base + adapter, as trained)| = {probes['trained']:.3g} "
+                    f"(merge.base_weights=dequantized merges into the weights it trained on)",
+                    flush=True,
+                )
             if not logits_diff <= tolerance:
                 raise MergeCheckFailed(
-                    f"merged logits differ from base + adapter logits by up to {logits_diff:.4g}, over the "
+                    f"merged logits differ from {against} logits by up to {logits_diff:.4g}, over the "
                     f"tolerance {tolerance:g} (merge.tolerance); nothing was written to {out_dir}"
                 )
         else:
@@ -290,6 +324,11 @@ def merge_checkpoint(
             merged_tensors=len(plan.targets),
         )
         record = {**(provenance or {}), **_record_fields(result), "base_dir": str(base_dir)}
+        record["base_weights"] = base_weights
+        record["nf4_rounded_tensors"] = len(rounded)
+        # Both probes, whichever was checked: docs/memory.md compares the two choices with these numbers.
+        record["max_abs_diff_logits_vs_original"] = probes.get("original")
+        record["max_abs_diff_logits_vs_trained"] = probes.get("trained")
         record.setdefault("adapters", [str(adapter_dir)])
         record["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -325,18 +364,31 @@ def check_not_quantized(base_dir: Path, config: dict[str, Any], entries: list[Te
     )
 
 
-def _stream(entries, plan: MergePlan, reference: PeftReference, writer: ShardWriter, dtype, progress: bool) -> float:
-    """Read each base tensor, merge or cast it, check it, write it; returns the largest weight difference."""
+def _stream(
+    entries,
+    plan: MergePlan,
+    reference: PeftReference,
+    writer: ShardWriter,
+    dtype,
+    progress: bool,
+    rounded: set[str] = frozenset(),
+    load_dtype=torch.float32,
+) -> float:
+    """Read each base tensor (those in `rounded` through NF4), merge or cast it, check it, write it; returns the
+    largest weight difference."""
     max_diff = 0.0
     files = group_by_file(entries)
-    with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress) as bar:
+    desc = f"merge: shard 1/{len(files)}"  # labelled from its first draw, not only after the first shard opens
+    with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, disable=not progress, desc=desc) as bar:
         for number, (path, group) in enumerate(files.items(), 1):
-            bar.set_description(f"shard {number}/{len(files)}")
+            bar.set_description(f"merge: shard {number}/{len(files)}")
             with open(path, "rb", buffering=0) as f:
                 for entry in group:
                     tensor = plan.replacements.get(entry.name)
                     if tensor is None:
                         tensor = read_tensor(f, entry)
+                    if entry.name in rounded:
+                        tensor = nf4_round_trip(tensor, load_dtype)
                     if entry.name in plan.targets:
                         target = plan.targets[entry.name]
                         out, diff = merge_lora_weight(tensor, target, reference.delta(target.module), dtype)

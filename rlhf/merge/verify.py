@@ -157,10 +157,14 @@ class PeftReference:
 
 
 @torch.no_grad()
-def probe_logits(base_dir: Path, adapter_dir: Path, merged_dir: Path, trust_remote_code: bool = False) -> float:
-    """max |logits(merged) - logits(fp32 base + adapter, by peft)| on random token ids; also checks strict loading.
+def probe_logits(
+    base_dir: Path, adapter_dir: Path, merged_dir: Path, trust_remote_code: bool = False, trained=None
+) -> dict[str, float]:
+    """max |logits(merged) - logits(reference)| on random token ids, for each reference: "original", the fp32 base +
+    adapter by peft; with `trained` (a 4-bit run's ModelConfig) also "trained", the NF4 base as that run loaded it +
+    adapter. Also checks strict loading.
 
-    One model in memory at a time: the reference's logits are kept, the reference is freed, then the merged is loaded.
+    One model in memory at a time: the references' logits are kept, each reference freed, then the merged is loaded.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -174,10 +178,19 @@ def probe_logits(base_dir: Path, adapter_dir: Path, merged_dir: Path, trust_remo
     base, base_info = load(base_dir)
     vocab = base.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API deprecated for v6
-        expected = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits
+
+    def with_adapter(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API deprecated for v6
+            return PeftModel.from_pretrained(model, adapter_dir).eval()(input_ids=ids).logits.float()
+
+    expected = {"original": with_adapter(base)}
     del base
+    if trained is not None:
+        from rlhf import modeling
+
+        with _no_progress_bars():
+            expected["trained"] = with_adapter(modeling.load_base(trained, base_dir, quantization="4bit"))
 
     merged, info = load(merged_dir)
     for kind in ("missing_keys", "unexpected_keys"):
@@ -186,7 +199,8 @@ def probe_logits(base_dir: Path, adapter_dir: Path, merged_dir: Path, trust_remo
             raise MergeCheckFailed(
                 f"the merged model does not load cleanly ({kind.replace('_', ' ')}: {', '.join(sorted(extra)[:3])})"
             )
-    return float((merged.eval()(input_ids=ids).logits - expected).abs().max())
+    logits = merged.eval()(input_ids=ids).logits
+    return {name: float((logits - ref).abs().max()) for name, ref in expected.items()}
 
 
 @contextlib.contextmanager

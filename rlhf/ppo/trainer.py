@@ -67,12 +67,14 @@ class PPOTrainer(RLTrainer):
         # 4-5. rewards, advantages and the clipped updates. Score statistics (ppo.score_norm) are taken over every
         # rank's scores, so all ranks normalise alike and the checkpoint holds one set.
         all_scores = parallel.gather(rollout.scores.float())
+        moments = self.score_transform.state_dict()  # put back if the batch is skipped: it taught nothing
         scores = self.score_transform(all_scores).to(rollout.scores.device)
         scores = scores[self.rank * cfg.batch_size : (self.rank + 1) * cfg.batch_size]
         kl_coef = self.kl_ctl.value
         opt = Optimisation(self.module, self.params, self.optimizer, parallel)
         stats = optimise(rollout, scores, opt, cfg, kl_coef, first_order, generator, self.timer)
         if stats["applied_minibatches"] == 0:  # every mini-batch was non-finite: nothing was learned
+            self.score_transform.load_state_dict(moments)
             self.nonfinite("loss or gradient")
             return None
         self.nonfinite_in_a_row = self.retries = 0

@@ -77,21 +77,50 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, chunk_tokens: int = DEF
     return _TokenLogprobs.apply(logits, tokens.long(), chunk_tokens)
 
 
-def entropy_from_logits(logits: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
-    """fp32 entropy [B, T] of the categorical distribution given by `logits` [B, T, V].
+class _Entropy(torch.autograd.Function):
+    """H = -sum p log p per position, computed and differentiated one fp32 chunk at a time.
 
-    Meant for logging (under `torch.no_grad()`), where at most one fp32 chunk exists; with autograd enabled, each
-    chunk's fp32 softmax is kept for backward.
+    Plain autograd would keep each chunk's fp32 log_softmax, its exp and their product for backward: about three fp32
+    [B, T, V] tensors for an entropy bonus. Here only the input logits (held by the caller anyway), the [B, T]
+    logsumexp and H are saved; backward recomputes p and log p chunk by chunk: dH/dx = -p (log p + H).
     """
-    batch, length, _ = logits.shape
-    out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
-    for bs, ts in chunk_slices(batch, length, chunk_tokens):
-        logp = torch.log_softmax(logits[bs, ts].float(), dim=-1)
-        p = logp.exp()
-        # 0 * log 0 counts as 0: a -inf logit (a masked-out token) must not turn the entropy into nan.
-        # Slice assignment into `out` stays differentiable.
-        out[bs, ts] = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
-    return out
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, chunk_tokens: int) -> Tensor:
+        batch, length, _ = logits.shape
+        out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for bs, ts in chunk_slices(batch, length, chunk_tokens):
+            chunk = logits[bs, ts].float()
+            lse[bs, ts] = torch.logsumexp(chunk, dim=-1)
+            logp = chunk - lse[bs, ts].unsqueeze(-1)
+            p = logp.exp()
+            # 0 * log 0 counts as 0: a -inf logit (a masked-out token) must not turn the entropy into nan.
+            out[bs, ts] = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+        ctx.save_for_backward(logits, lse, out)
+        ctx.chunk_tokens = chunk_tokens
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:
+        logits, lse, entropy = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for bs, ts in chunk_slices(logits.shape[0], logits.shape[1], ctx.chunk_tokens):
+            logp = logits[bs, ts].float() - lse[bs, ts].unsqueeze(-1)
+            p = logp.exp()
+            # -g p (log p + H), in place on log p: three fp32 chunks at most; 0 where p = 0 (a -inf logit).
+            grad = logp.add_(entropy[bs, ts].unsqueeze(-1)).mul_(p).mul_(-grad_out[bs, ts].float().unsqueeze(-1))
+            grad_logits[bs, ts] = grad.masked_fill_(p == 0, 0.0).to(logits.dtype)
+        return grad_logits, None
+
+
+def entropy_from_logits(logits: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
+    """fp32 entropy [B, T] of the categorical distribution given by `logits` [B, T, V]; differentiable.
+
+    At most one chunk of `chunk_tokens` x V is ever held in fp32, in forward and in backward (an entropy bonus keeps no
+    fp32 [B, T, V] tensor for backward).
+    """
+    return _Entropy.apply(logits, chunk_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from rlhf.config import Recipe
 from rlhf.data import load_texts
 from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
+from rlhf.io import trim_jsonl
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
 from rlhf.rl.core import masked_mean
@@ -89,9 +90,9 @@ class RLTrainer(ABC):
         if reward_adapter is not None:  # a learned reward: its adapter on the policy's own weights, no second model
             self.reward = SharedBaseReward(self.model, reward_adapter, self.tokenizer, self.cfg.rollout_batch_size)
         else:
-            self.reward = load_reward(self.reward_name)
+            self.reward = load_reward(self.reward_name, self.recipe.reward.device)
         if judge:  # `positive` (the positive rate) from an independent classifier, the score from the reward
-            self.reward = Judged(self.reward, load_reward(judge))
+            self.reward = Judged(self.reward, load_reward(judge, self.recipe.reward.device))
         self._setup_data()
         self._setup_optimizer()
 
@@ -110,10 +111,11 @@ class RLTrainer(ABC):
 
     def _setup_data(self) -> None:
         data, cfg = self.recipe.data, self.cfg
-        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars)
+        setting = f"{self.name}.prompt_min_chars"
+        train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars, setting=setting)
         self.held_out_of_train = 0
         try:
-            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars)
+            held_out = load_texts(data, data.eval_split, min_chars=cfg.prompt_min_chars, setting=setting)
         except UserError:  # no eval split: the tail of train, which training then never draws from
             train, held_out = hold_out(train, cfg.eval_prompts, data, self.name)
             self.held_out_of_train = len(held_out)
@@ -180,6 +182,11 @@ class RLTrainer(ABC):
 
     def train(self) -> None:
         cfg = self.cfg
+        if self.step == 0:  # what a roll-back before the first checkpoint goes back to (value head, controllers)
+            self.initial = (
+                {name: {k: v.detach().cpu().clone() for k, v in t.items()} for name, t in self.extra_tensors().items()},
+                self.extra_state(),
+            )
         bar = self.bar = progress(self.name, cfg.max_steps, self.step, self.parallel.is_main)
         while self.step < cfg.max_steps and not self.stop_requested:
             row = self.train_step()
@@ -227,11 +234,15 @@ class RLTrainer(ABC):
             print(f"{self.name}: stopped early: {self.early_stop}; going back to {where}", file=self.out)
         if kept:
             self.load_checkpoint()
-        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference
+        else:  # nothing saved yet: the adapter as it was created (B = 0), i.e. the reference, and the rest as it was
             for name, p in self.model.named_parameters():
                 if "lora_B" in name:
                     p.data.zero_()
+            self.load_extra(*self.initial)
             self.step = 0
+        if self.parallel.is_main:  # the log describes the policy that is saved: the rolled-back steps' rows go
+            trim_jsonl(self.log.metrics_path, self.step)
+            trim_jsonl(self.log.samples_path, self.step)
 
     def nonfinite(self, what: str) -> None:
         """Count a skipped batch; stop (NonFiniteError) after `nonfinite_patience` in a row."""
