@@ -199,8 +199,10 @@ def test_budget_sizes_sft_pairs_by_their_longest_not_the_block(fixture_paths, ca
     from rlhf.budget.lengths import scan
     from rlhf.config import load_recipe
 
+    from rlhf.resolve import resolve_model
+
     recipe = load_recipe("arithmetic")
-    tok = modeling.load_tokenizer(fixture_paths.policy)
+    tok = modeling.load_tokenizer(resolve_model(recipe.model.name))
     rows = [json.loads(line) for line in (fixture_paths.arithmetic / "train.jsonl").open()]
     longest = max(len(tok(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows)  # + EOS
     assert longest < recipe.sft.block_size
