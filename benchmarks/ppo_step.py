@@ -351,7 +351,7 @@ def run_variant(name: str, work: Path, cfg: dict, device: str) -> dict:
     ref_policy = None
     if reference == "copy":
         ref = modeling.load_base(recipe.model, path)
-        modeling.prepare_for_training(ref, False)  # LayerNorms in fp32 like the policy's; frozen, no checkpointing
+        modeling.prepare_for_training(ref, False)  # prepared like the policy; frozen, no checkpointing
         ref_policy = Policy(ref, None, c.generation.temperature)
     probe = Probe(trainer, ref_policy, cuda)
     setup_seconds = time.perf_counter() - t_setup

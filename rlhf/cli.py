@@ -156,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. reward_model.max_steps=50")
 
     p = sub.add_parser(
+        "dpo",
+        help="after merge: DPO on preference pairs, a new LoRA on the merged model (no reward model, no sampling)",
+        description="Direct preference optimisation after `rlhf merge`: a new LoRA on the run's merged k-bit model, "
+        "the reference the same model with that adapter disabled, the pairs as `rlhf reward` reads them (chosen, "
+        "rejected, optionally prompt). Writes RUN/dpo/ (adapter, checkpoints, metrics.jsonl, eval.json).",
+        epilog=EPILOG_OVERRIDES + " The recipe section is dpo (e.g. dpo.beta=0.1 dpo.loss_type=ipo dpo.max_steps=200).",
+    )
+    _add_recipe(p)
+    p.add_argument(
+        "--dataset",
+        dest="preference_dataset",
+        metavar="HUB_ID|PATH",
+        help="preference pairs (columns chosen, rejected; optionally prompt): a hub dataset, a local "
+        "json/jsonl/csv/parquet file or dir, or fixture:imdb-preferences (default: the recipe's dpo.dataset)",
+    )
+    _add_common_train(p)
+
+    p = sub.add_parser(
         "budget",
         help="predict memory, component by component, and say whether it fits",
         description="Predict each step's peak memory from the model's shape alone (no weights loaded) and say whether "
@@ -169,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step",
         default="all",
-        choices=["sft", "merge", "reward", "ppo", "grpo", "all"],
+        choices=["sft", "merge", "reward", "ppo", "grpo", "dpo", "all"],
         help="which step (default all)",
     )
     _add_gpu(p)
@@ -194,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/quickstart-<time>)")
     p.add_argument(
-        "--algo", default="ppo", choices=["ppo", "grpo"], help="the RL step: ppo (value head) or grpo (critic-free)"
+        "--algo",
+        default="ppo",
+        choices=["ppo", "grpo", "dpo"],
+        help="step 3: ppo (value head), grpo (critic-free) or dpo (preference pairs, no reward model in the loop)",
     )
     p.add_argument("--force", action="store_true", help="reuse a run directory that holds a quickstart run")
     p.add_argument(
@@ -382,6 +403,24 @@ def cmd_reward(args) -> int:
     return 0
 
 
+def cmd_dpo(args) -> int:
+    from rlhf import budget
+    from rlhf.dpo import step
+
+    if args.preference_dataset:
+        args.overrides = [*args.overrides, f"dpo.dataset={args.preference_dataset!r}"]
+    run, recipe = run_recipe(args, "train with DPO")
+    if args.auto_fit:
+        recipe = budget.auto_fit(recipe, "dpo", args.gpu)
+
+    def attempt(recipe, retry: bool) -> None:
+        resume = args.resume or (retry and any(run.dpo_checkpoints.glob("step-*")))
+        step.run(recipe, run, resume=resume, force=args.force or (retry and not resume), gpu=args.gpu)
+
+    _retry_on_oom("dpo", recipe, args, attempt)
+    return 0
+
+
 def _retry_on_oom(step: str, recipe, args, attempt) -> None:
     """Run `attempt(recipe, retry=False)`. On CUDA out-of-memory print this step's budget with the changes that shrink
     it, instead of a traceback; with --auto-fit retry once with the micro-batch halved (same effective batch)."""
@@ -449,15 +488,15 @@ def _halved(step: str, recipe):
     def largest_divisor(n: int, at_most: int) -> int:
         return max(d for d in range(1, max(at_most, 1) + 1) if n % d == 0)
 
-    if step == "sft":
-        cfg = recipe.sft
+    if step in ("sft", "dpo"):
+        cfg = getattr(recipe, step)
         effective = cfg.batch_size * cfg.gradient_accumulation_steps
         if cfg.batch_size < 2:
             return None
         batch = largest_divisor(effective, cfg.batch_size // 2)
         update = {"batch_size": batch, "gradient_accumulation_steps": effective // batch}
-        recipe = recipe.model_copy(update={"sft": cfg.model_copy(update=update)})
-        return recipe, f"sft.batch_size={batch} sft.gradient_accumulation_steps={effective // batch}"
+        recipe = recipe.model_copy(update={step: cfg.model_copy(update=update)})
+        return recipe, f"{step}.batch_size={batch} {step}.gradient_accumulation_steps={effective // batch}"
     cfg = getattr(recipe, step)  # ppo or grpo
     sequences = cfg.batch_size * getattr(cfg, "group_size", 1)
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
@@ -523,6 +562,7 @@ COMMANDS = {
     "reward": cmd_reward,
     "ppo": cmd_ppo,
     "grpo": cmd_grpo,
+    "dpo": cmd_dpo,
     "budget": cmd_budget,
     "preview": cmd_preview,
     "quickstart": cmd_quickstart,

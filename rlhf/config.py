@@ -27,7 +27,7 @@ class ModelConfig(Section):
     revision: str | None = None
     quantization: Literal["8bit", "4bit", "none"] = "8bit"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="dtype of everything that is not quantized (embeddings, LayerNorms are kept fp32)"
+        "float16", description="dtype of everything that is not quantized (embeddings, norms); LoRA and heads are fp32"
     )
     llm_int8_threshold: float = Field(6.0, ge=0.0)
     trust_remote_code: bool = False
@@ -147,6 +147,23 @@ class RLConfig(Section):
     entropy_coef: float = Field(
         0.0, ge=0, description="bonus on the policy's mean token entropy in the loss: keeps responses varied"
     )
+    dataset: str | None = Field(
+        None,
+        description="prompts for RL: hub id, local file or dir, or fixture:NAME; default: the run's data "
+        "(data.dataset): its prompt column where it has one, else the first tokens of its documents",
+    )
+    config_name: str | None = Field(None, description="the dataset's configuration (e.g. main for openai/gsm8k)")
+    train_split: str = Field("train", description="of `dataset`; the run's data uses data.train_split")
+    eval_split: str = Field(
+        "test", description="held-out prompts; without it, the last eval_prompts rows, which training never draws"
+    )
+    prompt_column: str = Field(
+        "prompt", description="the column of `dataset` holding each prompt (a string or a list of {role, content})"
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="prompts longer than this many tokens (after the chat template) are left out, counted"
+    )
+    # Document-prefix prompts (a text corpus without a prompt column): the first k tokens, k drawn in [min, max].
     prompt_min_tokens: int = Field(2, ge=1)
     prompt_max_tokens: int = Field(8, ge=1)
     prompt_min_chars: int = Field(200, ge=0, description="only documents longer than this become prompts")
@@ -338,6 +355,86 @@ class RewardModelConfig(Section):
     seed: int = 0
 
 
+class DpoConfig(Section):
+    """`rlhf dpo`: direct preference optimisation after merge, a new LoRA on the merged model trained on preference
+    pairs; the reference is the same model with that adapter disabled. No reward model, no sampling in the loop."""
+
+    dataset: str = Field(
+        "Anthropic/hh-rlhf", min_length=1, description="preference pairs: hub id, local file or dir, or fixture:NAME"
+    )
+    config_name: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    prompt_column: str = Field("prompt", description="optional: without it the pair's shared beginning is the prompt")
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    max_pairs: int | None = Field(None, ge=1, description="train on only the first N pairs")
+    eval_pairs: int = Field(500, ge=1, description="held-out pairs measured before and after training")
+    max_length: int = Field(512, ge=8, description="tokens per side (prompt + answer); longer pairs are left out")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="keep only the last N tokens of a longer prompt (None: the whole prompt)"
+    )
+    loss_type: Literal["sigmoid", "ipo", "robust"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO, -log sigmoid(beta x margin) (with label_smoothing: conservative DPO); ipo: "
+        "(per-token margin - 1/(2 beta))^2; robust: DPO unbiased for preferences flipped with probability "
+        "label_smoothing",
+    )
+    beta: float = Field(0.1, gt=0, description="how far from the reference the policy may go: smaller goes further")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="the assumed share of flipped preferences (sigmoid, robust; not ipo)"
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="+ this x the chosen answers' NLL per token (RPO; trl: loss_type [sigmoid, sft]): DPO alone lowers "
+        "the likelihood of chosen answers too, this keeps them likely",
+    )
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(dropout=0.0))
+    # 2 pairs = 4 x 512 tokens a forward, as rlhf reward: gpt-neox-20b's activations fit 24 GiB beside its weights.
+    batch_size: int = Field(2, ge=1, description="pairs per micro-batch (each pair is two sequences)")
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    learning_rate: float = Field(5e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = True
+    save_steps: int = Field(100, ge=1)
+    seed: int = 0
+    # Generations before and after, judged by a reward spec (the quickstart's sentiment classifier): PPO's eval keys.
+    judge: str | None = Field(
+        None,
+        description="a reward spec that judges generations for held-out prompts before and after; None: no "
+        "generation eval",
+    )
+    eval_prompts: int = Field(64, ge=0, description="held-out prompts from data.dataset generated for the judge")
+    prompt_min_tokens: int = Field(2, ge=1)
+    prompt_max_tokens: int = Field(8, ge=1)
+    prompt_min_chars: int = Field(200, ge=0)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    rollout_batch_size: int = Field(64, ge=1, description="prompts generated and judged at once (memory)")
+
+    @model_validator(mode="after")
+    def _settings(self) -> DpoConfig:
+        problems = []
+        if self.loss_type == "ipo" and self.label_smoothing:
+            problems.append(
+                f"label_smoothing ({self.label_smoothing}) must be 0 with loss_type=ipo: IPO's squared loss has no "
+                f"flipped-label term (use loss_type=sigmoid or robust for noisy preferences)"
+            )
+        if self.prompt_min_tokens > self.prompt_max_tokens:
+            problems.append(
+                f"prompt_min_tokens ({self.prompt_min_tokens}) must be <= prompt_max_tokens ({self.prompt_max_tokens})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class BudgetConfig(Section):
     gpu: str | None = Field(None, description="memory to plan against when not running here: rtx4090, 24GiB, ...")
 
@@ -354,6 +451,7 @@ class Recipe(Section):
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     def to_yaml(self) -> str:

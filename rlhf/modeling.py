@@ -2,7 +2,7 @@
 
 The k-bit preparation is ours rather than peft's `prepare_model_for_kbit_training`, which casts every non-int8
 parameter to fp32: for gpt-neox-20b that makes the 0.62 B embedding and unembedding parameters fp32 (+1.25 GB).
-Only the LayerNorms need fp32 (in fp16 they overflow and the 8-bit model generates NaN).
+Norms stay in model.dtype too (see `prepare_for_training`).
 """
 
 from __future__ import annotations
@@ -133,11 +133,19 @@ def _is_hub_id(name: str) -> bool:
     return looks_like_hub_id(name) and not is_fixture(name) and not Path(name).expanduser().exists()
 
 
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "RMSNorm" in type(module).__name__
+
+
 def prepare_for_training(model, gradient_checkpointing: bool) -> None:
-    """k-bit preparation: LayerNorms in fp32, embeddings left as loaded, checkpointing without the KV cache."""
-    for module in model.modules():
-        if isinstance(module, nn.LayerNorm) or "RMSNorm" in type(module).__name__:
-            module.to(torch.float32)
+    """k-bit preparation: norms and embeddings in model.dtype, checkpointing without the KV cache."""
+    dtype = model.get_input_embeddings().weight.dtype
+    for module in filter(is_norm, model.modules()):
+        # Norms in model.dtype, not fp32: an fp32 norm hands fp32 hidden states to half-precision weights (a Llama
+        # stops at lm_head) and an fp32 LayerNorm weight meets fp16 input, which CUDA's kernel refuses. Of fp32 norms
+        # cast back, autocast, and this, measured on 8-bit models (docs/memory.md, 2026-12-07): all finite with the
+        # same log-probs (the kernels and transformers' RMSNorms compute in fp32 anyway), this the least memory.
+        module.to(dtype)
     if gradient_checkpointing:
         # With a frozen embedding no tensor entering the first checkpointed block requires grad, and reentrant
         # checkpointing then silently produces no gradients for the adapters (the PEFT pitfall).

@@ -92,7 +92,7 @@ def load_preferences(cfg: Any, section: str, tokenizer=None) -> Preferences:
         held_out = rows[:eval_pairs]
         source = eval_split
         held_out_from = (
-            f"the first {len(held_out)} of split '{eval_split}' ({len(rows)} pairs; {section}.eval_pairs sets how many)"
+            f"the first {len(held_out)} of the {len(rows)} in split '{eval_split}'; {section}.eval_pairs sets how many"
         )
     else:  # no held-out split: the tail of train, which training then never sees
         if len(train) < 2:
@@ -145,7 +145,7 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
             )
     explicit = prompt_col in columns
     prompts = ds[prompt_col] if explicit else [None] * len(ds)
-    pairs, n_same, n_repeat, n_glued, chat = [], 0, 0, 0, False
+    pairs, n_same, n_repeat, n_repeat_long, n_glued, chat = [], 0, 0, 0, 0, False
     for i, (prompt, chosen, rejected) in enumerate(zip(prompts, ds[chosen_col], ds[rejected_col])):
         where = f"preference data '{dataset}' split '{split}' row {i}"
         for value, column in ((chosen, chosen_col), (rejected, rejected_col)):
@@ -163,6 +163,7 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
             continue
         repeats = explicit and _repeats(prompt, chosen, rejected)
         n_repeat += repeats
+        n_repeat_long += repeats and (not isinstance(prompt, str) or len(prompt.split()) >= 3)
         example = maybe_extract_prompt(example)  # implicit: the shared prefix becomes the prompt
         if is_conversational(example):
             chat = True
@@ -177,7 +178,8 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
     n = len(ds)
     if n_same:
         warnings.append(f"{n_same} of {n} pairs in split '{split}' have chosen == rejected and are left out")
-    if n_repeat:
+    # A prompt of two words ("It is") can begin an answer by chance; a long one, or many pairs, is the mistake.
+    if n_repeat_long or n_repeat >= 0.05 * n:
         warnings.append(
             f"{n_repeat} of {n} pairs in split '{split}' have completions that begin with their prompt, so the model "
             f"reads the prompt twice: with a '{prompt_col}' column, '{chosen_col}' and '{rejected_col}' hold the "
@@ -190,7 +192,8 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
             f"with a space"
         )
     if not pairs:
-        raise UserError(f"preference data '{dataset}' split '{split}' has no usable pair ({n} rows)")
+        same = f", {n_same} of them with the same chosen and rejected answer" if n_same else ""
+        raise UserError(f"preference data '{dataset}' split '{split}' has no usable pair ({n} rows{same})")
     form = "explicit prompt" if explicit else "implicit prompt (the shared prefix of chosen and rejected)"
     return pairs, form + (", chat messages rendered with the chat template" if chat else "")
 
@@ -216,7 +219,7 @@ def _render(example: dict, tokenizer, where: str) -> dict:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError(
             f"{where}: the pairs are chat messages, but the model's tokenizer has no chat template to render them; "
-            f"give the pairs as text, or use a model with a chat template"
+            f"set model.chat_template (chatml, a .jinja file, or the template text), or give the pairs as text"
         )
     if isinstance(example["prompt"], str) or not example["prompt"]:
         raise UserError(f"{where}: chat pairs need a prompt of at least one message (a user turn) before the answers")

@@ -1,8 +1,8 @@
 """`rlhf quickstart`: the whole flow on the embedded offline default, through exactly the code of the real commands.
 
-fixtures -> sft -> merge -> ppo (or, with --algo grpo, grpo) with its evaluation before and after -> report, each
-step printing its memory budget first. Tiny stand-ins for gpt-neox-20b, IMDB and distilbert-imdb make it run on a
-laptop CPU in minutes.
+fixtures -> sft -> merge -> ppo (or, with --algo grpo|dpo, grpo or dpo) with its evaluation before and after ->
+report, each step printing its memory budget first. Tiny stand-ins for gpt-neox-20b, IMDB and distilbert-imdb make it
+run on a laptop CPU in minutes.
 
 With `--reward-model` the reward is learned first: `rlhf reward` on fixture:imdb-preferences (LoRA + score head on
 the merged model), then the RL step on that adapter, scored on the policy's own weights; the sentiment classifier then
@@ -24,7 +24,7 @@ The same flow on gpt-neox-20b with a 24 GB GPU (check the fit first):
   rlhf budget --model gpt-neox-20b --gpu 24GiB
   rlhf sft --model gpt-neox-20b
   rlhf merge
-  rlhf {algo} --reward imdb-sentiment"""
+  {step}"""
 
 
 def _banner(text: str) -> None:
@@ -34,11 +34,14 @@ def _banner(text: str) -> None:
 STEP_BANNER = {
     "ppo": "rlhf ppo --reward quickstart-sentiment (second LoRA + value head, reference = adapter disabled)",
     "grpo": "rlhf grpo --reward quickstart-sentiment (second LoRA, groups of samples per prompt, no value head)",
+    "dpo": "rlhf dpo --dataset fixture:imdb-preferences (second LoRA on preference pairs, reference = adapter "
+    "disabled; quickstart-sentiment only judges generations before and after)",
 }
 
 
 def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", reward_model: bool = False) -> int:
     from rlhf import merge, report, sft
+    from rlhf.dpo import step as dpo
     from rlhf.fixtures import ensure_fixtures
     from rlhf.grpo import step as grpo
     from rlhf.ppo import step as ppo
@@ -68,6 +71,8 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", rew
     timings["merge"] = time.time() - t
 
     reward_eval = None
+    if reward_model and algo == "dpo":
+        raise UserError("--reward-model goes with --algo ppo or grpo: DPO learns from the pairs without a reward model")
     if reward_model:
         _banner("4a/5 rlhf reward --dataset fixture:imdb-preferences (reward LoRA + score head on the merged model)")
         t = time.time()
@@ -83,8 +88,10 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", rew
         _banner(f"4/5 {STEP_BANNER[algo]}")
         reward = "quickstart-sentiment"
     t = time.time()
-    rl_step = {"ppo": ppo, "grpo": grpo}[algo]
-    result = rl_step.run(recipe, run, reward=reward, force=force)
+    if algo == "dpo":
+        result = dpo.run(recipe, run, force=force)
+    else:
+        result = {"ppo": ppo, "grpo": grpo}[algo].run(recipe, run, reward=reward, force=force)
     timings[algo] = time.time() - t
 
     _banner("5/5 report")
@@ -100,12 +107,19 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", rew
             f"  reward model   held-out accuracy {reward_eval['accuracy_before']:.2f} -> "
             f"{reward_eval['accuracy_after']:.2f} ({reward_eval['n_pairs']} pairs)"
         )
-    if ev:
+    if algo == "dpo":
+        print(
+            f"  DPO            held-out preference accuracy {ev['accuracy_before']:.2f} -> {ev['accuracy_after']:.2f}, "
+            f"margin {ev['margin_mean_before']:+.2f} -> {ev['margin_mean_after']:+.2f} ({ev['n_pairs']} pairs)"
+        )
+    if ev.get("reward_after") is not None:
         print(f"  reward         {ev['reward_before']:+.3f} -> {ev['reward_after']:+.3f}")
         print(
             f"  positive rate  {ev['positive_rate_before']:.2f} -> {ev['positive_rate_after']:.2f}"
-            f"  ({ev['n_prompts']} held-out prompts{', judged by quickstart-sentiment' if reward_model else ''})"
+            f"  ({ev['n_prompts']} held-out prompts"
+            f"{', judged by quickstart-sentiment' if reward_model or algo == 'dpo' else ''})"
         )
+        print(f"  distinct-2     {ev['distinct_2_before']:.2f} -> {ev['distinct_2_after']:.2f}")
         print(
             f"  KL to reference {ev['kl_after']:.2f} nats; perplexity {ev['perplexity_before']:.2f} -> "
             f"{ev['perplexity_after']:.2f}"
@@ -115,5 +129,6 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", rew
         f"{algo}/eval.json)"
     )
     print(f"  report:    {report_path}")
-    print(REAL_FLOW.format(algo=algo))
+    step = "rlhf dpo --dataset Anthropic/hh-rlhf" if algo == "dpo" else f"rlhf {algo} --reward imdb-sentiment"
+    print(REAL_FLOW.format(step=step))
     return 0

@@ -1,10 +1,10 @@
 """`rlhf report`: RUN/report.md and its plots, from what the steps left in the run directory.
 
-Reads recipe.yaml, sft/metrics.jsonl, reward/ (a learned reward model: metrics.jsonl, eval.json), and metrics.jsonl
-and eval.json of ppo/ and of grpo/ (the critic-free step, same keys) when the run has them; whatever is missing (a run
-that has only done SFT) is skipped and the report says so.
-Writes sft_loss.png, reward_model.png, ppo_reward.png, ppo_kl.png (grpo_*.png for GRPO) beside report.md, each file
-atomically, so a reader never sees half a report.
+Reads recipe.yaml, sft/metrics.jsonl, reward/ (a learned reward model: metrics.jsonl, eval.json), dpo/ (the same and
+its judged generations), and metrics.jsonl and eval.json of ppo/ and of grpo/ (the critic-free step, same keys) when
+the run has them; whatever is missing (a run that has only done SFT) is skipped and the report says so.
+Writes sft_loss.png, reward_model.png, dpo.png, ppo_reward.png, ppo_kl.png (grpo_*.png for GRPO) beside report.md,
+each file atomically, so a reader never sees half a report.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ DPI = 110
 MAX_CELL_CHARS = 400
 # Steps that tune the policy after merge; each leaves metrics.jsonl and eval.json (same keys) in its directory.
 POLICY_STEPS = {"ppo": "PPO", "grpo": "GRPO"}
+# Every step that evaluates generations with the same eval.json keys: the RL steps and DPO (with dpo.judge).
+LABELS = {**POLICY_STEPS, "dpo": "DPO"}
 
 
 def sft_loss_hint(loss: float, vocab_size: int | None) -> str | None:
@@ -158,18 +160,20 @@ def plot_kl(rows: list[dict], path: Path, target_kl: float | None = None, label:
     return True
 
 
-def plot_reward_model(rows: list[dict], path: Path) -> bool:
+def plot_reward_model(
+    rows: list[dict], path: Path, title: str = "Reward model", accuracy: str = "chosen scored higher"
+) -> bool:
     steps, loss = _series(rows, "loss")
     if not steps:
         return False
     fig, (top, bottom) = _figure(nrows=2, height=5.0)
     top.plot(steps, loss, color="tab:blue", marker=_marker(len(steps)), label="pairwise loss of the step's pairs")
     top.axhline(0.6931, color="tab:gray", linestyle="--", linewidth=1, label="log 2 (no preference learned)")
-    top.set_title("Reward model: loss and accuracy per optimizer step (training pairs)")
+    top.set_title(f"{title}: loss and accuracy per optimizer step (training pairs)")
     top.set_ylabel("loss (nats/pair)")
     top.legend(loc="best", fontsize="small")
     acc_steps, acc = _series(rows, "accuracy")
-    bottom.plot(acc_steps, acc, color="tab:purple", marker=_marker(len(acc_steps)), label="chosen scored higher")
+    bottom.plot(acc_steps, acc, color="tab:purple", marker=_marker(len(acc_steps)), label=accuracy)
     bottom.set_ylim(-0.02, 1.02)
     bottom.set_ylabel("pairwise accuracy")
     bottom.set_xlabel("optimizer step")
@@ -302,8 +306,23 @@ EVAL_ROWS = [
 ]
 
 
+def _task_rows(ev: dict) -> list[tuple[str, str]]:
+    """(row label, eval.json key without _before/_after) of a task reward: its accuracy, sampled and greedy, then each
+    reward of the spec on its own, sampled and greedy."""
+    rows = []
+    if "accuracy_before" in ev:
+        rows += [(f"accuracy (`{ev.get('accuracy_reward')}`, sampled)", "accuracy"),
+                 (f"accuracy (`{ev.get('accuracy_reward')}`, greedy)", "accuracy_greedy")]  # fmt: skip
+    for key in ev:
+        name = key.removeprefix("reward_").removesuffix("_before")
+        if key.startswith("reward_") and key.endswith("_before") and name not in ("greedy",):
+            kind = "greedy" if name.endswith("_greedy") else "sampled"
+            rows.append((f"reward `{name.removesuffix('_greedy')}` ({kind})", f"reward_{name}"))
+    return rows
+
+
 def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
-    label = POLICY_STEPS[step]
+    label = LABELS[step]
     out = [f"## {label} evaluation on held-out prompts", ""]
     if not ev:
         return out + [f"_No {label} evaluation yet ({step}/eval.json is missing): run `rlhf {step}` to get one._", ""]
@@ -313,6 +332,9 @@ def _eval_section(ev: dict | None, step: str = "ppo") -> list[str]:
         if before is None and after is None:  # a metric this run did not record (an older run): no row of dashes
             continue
         rows.append([name, _num(before, fmt), _num(after, fmt), _delta(before, after, "+" + fmt)])
+    for name, key in _task_rows(ev):
+        before, after = ev.get(f"{key}_before"), ev.get(f"{key}_after")
+        rows.append([name, _num(before, ".3f"), _num(after, ".3f"), _delta(before, after, "+.3f")])
     rows.append(["prompts", str(ev.get("n_prompts", "—")), str(ev.get("n_prompts", "—")), ""])
     out.append(_table(["metric", f"before {label}", f"after {label}", "change"], rows, ["---", "---:", "---:", "---:"]))
     out += _perplexity_warnings(ev, step)
@@ -338,8 +360,8 @@ PERPLEXITY_FLAG = 2.0
 
 
 def _perplexity_warnings(ev: dict, step: str) -> list[str]:
-    label, out = POLICY_STEPS[step], []
-    knob = "ppo.init_kl_coef / ppo.target_kl" if step == "ppo" else "grpo.beta"
+    label, out = LABELS[step], []
+    knob = {"ppo": "ppo.init_kl_coef / ppo.target_kl", "grpo": "grpo.beta", "dpo": "a larger dpo.beta"}[step]
     for key, what in (
         ("response_perplexity", "the reference model's perplexity of the responses"),
         ("perplexity", "the perplexity on held-out text"),
@@ -399,6 +421,59 @@ def _reward_model_section(run: Run) -> list[str]:
         "reward model loss and accuracy per step",
         "no reward model metrics (reward/metrics.jsonl is missing or empty)",
     )
+
+
+# (row label, dpo/eval.json key without _before/_after, format)
+DPO_ROWS = [
+    ("preference accuracy (chosen's implicit reward higher)", "accuracy", ".3f"),
+    ("mean margin of implicit rewards (chosen - rejected)", "margin_mean", ".3f"),
+    ("mean implicit reward, chosen", "chosen_reward", ".3f"),
+    ("mean implicit reward, rejected", "rejected_reward", ".3f"),
+    ("DPO loss", "loss", ".3f"),
+    ("KL proxy on the pairs' answers (k2, nats)", "kl_proxy", ".3f"),
+    ("the policy's own ranking (chosen likelier per token)", "likelihood_accuracy", ".3f"),
+]
+
+
+def _dpo_section(run: Run) -> list[str]:
+    """`rlhf dpo`'s held-out pairs, its judged generations (PPO's table) and its training curve; nothing when the run
+    has no DPO."""
+    if not run.dpo_dir.is_dir():
+        return []
+    ev = _read_json(run.dpo_dir / "eval.json")
+    out = ["## DPO (rlhf dpo) on held-out pairs", ""]
+    if not ev:
+        out += ["_No evaluation yet (dpo/eval.json is missing): run `rlhf dpo` to finish training._", ""]
+    else:
+        rows = [
+            [name, _num(ev.get(f"{key}_before"), fmt), _num(ev.get(f"{key}_after"), fmt),
+             _delta(ev.get(f"{key}_before"), ev.get(f"{key}_after"), "+" + fmt)]
+            for name, key, fmt in DPO_ROWS
+            if f"{key}_before" in ev or f"{key}_after" in ev
+        ]  # fmt: skip
+        rows.append(["pairs", str(ev.get("n_pairs", "—")), str(ev.get("n_pairs", "—")), ""])
+        out += [_table(["metric", "before DPO", "after DPO", "change"], rows, ["---", "---:", "---:", "---:"]), ""]
+        out += [
+            f"_Held-out pairs from `{ev.get('eval_split', '?')}`; {ev.get('steps', '?')} steps on "
+            f"{ev.get('train_pairs', '?')} training pairs, {ev.get('loss_type', '?')} loss, beta "
+            f"{ev.get('beta', '?')}; "
+            f"implicit reward = beta x (log pi - log pi_ref) of the answer, all 0 before training (the policy is the "
+            f"reference), so the accuracy starts at 0: ties order nothing._",
+            "",
+        ]
+        if "positive_rate_after" in ev:
+            judged = {**ev, "eval_split": ev.get("prompts_split")}
+            out += _eval_section(judged, "dpo")[:-1] + [f"_Judged by `{ev.get('judge')}`._", ""]
+    drawn = plot_reward_model(
+        read_jsonl(run.dpo_dir / "metrics.jsonl"), run.root / "dpo.png", "DPO", "chosen's implicit reward higher"
+    )
+    out += _figure_md(
+        run, "DPO training", "dpo.png", drawn, "DPO loss and accuracy per step",
+        "no DPO metrics (dpo/metrics.jsonl is missing or empty)",
+    )  # fmt: skip
+    if ev and "samples_after" in ev:
+        out += _samples_section(ev, "dpo")
+    return out
 
 
 def _figure_md(run: Run, heading: str, name: str, drawn: bool, alt: str, missing: str, intro: str = "") -> list[str]:
@@ -468,7 +543,7 @@ def _plots_section(
 
 
 def _samples_section(ev: dict | None, step: str = "ppo") -> list[str]:
-    label = POLICY_STEPS[step]
+    label = LABELS[step]
     out = [f"## Generations before and after {label}", ""]
     before, after = (ev or {}).get("samples_before") or [], (ev or {}).get("samples_after") or []
     if not before and not after:
@@ -542,6 +617,13 @@ def _artifacts_section(run: Run, steps: list[str]) -> list[str]:
         ("SFT metrics", run.sft_dir / "metrics.jsonl"),
         ("merged model (Hugging Face dir)", run.merged),
     ]
+    if run.dpo_dir.is_dir():
+        items += [
+            ("DPO policy adapter", run.dpo_adapter),
+            ("DPO metrics", run.dpo_dir / "metrics.jsonl"),
+            ("DPO evaluation", run.dpo_dir / "eval.json"),
+            ("DPO checkpoints (resume)", run.dpo_checkpoints),
+        ]
     if run.reward_dir.is_dir():
         items += [
             ("reward model adapter + score_head.safetensors", run.reward_adapter),
@@ -574,8 +656,8 @@ def _artifacts_section(run: Run, steps: list[str]) -> list[str]:
 def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
     """Write RUN/report.md and the PNG plots beside it; return the path of report.md."""
     sft_rows = read_jsonl(run.sft_dir / "metrics.jsonl")
-    # PPO and/or GRPO, whichever the run has; PPO when neither, so the report says how to get one
-    steps = [step for step in POLICY_STEPS if (run.root / step).is_dir()] or ["ppo"]
+    # PPO and/or GRPO, whichever the run has; PPO when neither (nor DPO), so the report says how to get one
+    steps = [step for step in POLICY_STEPS if (run.root / step).is_dir()] or ([] if run.dpo_dir.is_dir() else ["ppo"])
     policy_rows = {step: read_jsonl(run.root / step / "metrics.jsonl") for step in steps}
     evals = {step: _read_json(run.root / step / "eval.json") for step in steps}
     if not run.recipe_path.is_file() and not sft_rows and not any(policy_rows.values()) and not any(evals.values()):
@@ -590,6 +672,7 @@ def write_report(run: Run, timings: dict[str, float] | None = None) -> Path:
         *recipe_lines,
         "",
         *_reward_model_section(run),
+        *_dpo_section(run),
         *[line for step in steps for line in _eval_section(evals[step], step)],
         *_plots_section(run, sft_rows, policy_rows, recipe, own),
         *[line for step in steps for line in _samples_section(evals[step], step)],

@@ -3,6 +3,7 @@
     RUN/recipe.yaml  sft/adapter  sft/metrics.jsonl  merged/  ppo/adapter  ppo/checkpoints/step-N  ppo/metrics.jsonl
     grpo/ (rlhf grpo) as ppo/, without a value head
     reward/adapter  reward/checkpoints/step-N  reward/metrics.jsonl  reward/eval.json  (rlhf reward)
+    dpo/adapter  dpo/checkpoints/step-N  dpo/metrics.jsonl  dpo/eval.json  (rlhf dpo)
 
 With no `--run`, `sft` starts a new directory under runs/ and every step after it works on the most recent one,
 recorded as the symlink runs/latest (or the text file runs/LATEST where symlinks are not available).
@@ -82,6 +83,18 @@ class Run:
     @property
     def reward_checkpoints(self) -> Path:
         return self.root / "reward" / "checkpoints"
+
+    @property
+    def dpo_dir(self) -> Path:
+        return self.root / "dpo"
+
+    @property
+    def dpo_adapter(self) -> Path:
+        return self.root / "dpo" / "adapter"
+
+    @property
+    def dpo_checkpoints(self) -> Path:
+        return self.root / "dpo" / "checkpoints"
 
     def step_recipe_path(self, step: str) -> Path:
         return self.root / step / "recipe.yaml"

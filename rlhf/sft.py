@@ -309,7 +309,7 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
     final_loss = rows[-1]["loss"] if rows else float(output.training_loss)
     if not math.isfinite(final_loss):
         raise UserError(
-            "SFT loss is not finite; likely causes: LayerNorms not in fp32, a learning rate too high, "
+            "SFT loss is not finite; likely causes: a learning rate too high, "
             "or fp16 overflow — try sft.learning_rate lower or model.dtype=bfloat16"
         )
     seconds = time.time() - started

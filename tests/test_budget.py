@@ -145,11 +145,11 @@ def test_weights_8bit_by_hand(small_dir):
     int8_values = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64)  # 2 layers x 49,152
     scb = 2 * 4 * (192 + 64 + 256 + 64)  # one fp32 scale per output row
     biases = 2 * 2 * (192 + 64 + 256 + 64)  # fp16
-    layer_norms = 4 * (2 * 2 * 128 + 128)  # fp32 (our k-bit preparation), final norm included
+    layer_norms = 2 * (2 * 2 * 128 + 128)  # fp16 as the model (our k-bit preparation), final norm included
     embeddings = 2 * 2 * 64_000  # embed_in + embed_out, fp16 (not peft's fp32 upcast)
     rotary = 2 * 2 * 4  # inv_freq and original_inv_freq: rotary_pct 0.25 of head_dim 16 -> 2 fp32 each
     assert budget.weight_bytes(shape, "8bit", 2) == int8_values + scb + biases + layer_norms + embeddings + rotary
-    assert int8_values + scb + biases + layer_norms + embeddings + rotary == 363_792
+    assert int8_values + scb + biases + layer_norms + embeddings + rotary == 362_512
 
 
 def test_nf4_double_quant_by_hand():
@@ -207,7 +207,7 @@ def test_sft_components_by_hand(small_dir, reentrant, monkeypatch):
         at_loss += 2 * 2 * (3 * 64 + 256) * 64
     dynamic = 4 * lora + at_loss + logits  # gradients, activations, logits: allocated and freed every step
     expected = {
-        "weights": 363_792,
+        "weights": 362_512,  # test_weights_8bit_by_hand
         "lora": 4 * lora,
         "gradients": 4 * lora,
         "optimizer": 8 * lora,
@@ -326,14 +326,14 @@ def test_ppo_with_a_reward_adapter_counts_the_adapter_not_a_model(small_dir):
 # --- totals, verdict, JSON --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo", "merge"])
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo", "dpo", "merge"])
 def test_total_is_the_sum_of_components(small_dir, step):
     est = budget.estimate(small_recipe(small_dir), step, 24 * GiB, CPU_REWARD)
     data = est.to_json()
     assert data["total_bytes"] == sum(data["components"].values())
 
 
-@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo"])
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo", "dpo"])
 def test_verdict_flips_at_the_boundary(small_dir, step):
     total = budget.estimate(small_recipe(small_dir), step, 24 * GiB, CPU_REWARD).total_bytes
     assert budget.estimate(small_recipe(small_dir), step, total, CPU_REWARD).fits
@@ -363,7 +363,7 @@ def test_json_shape_matches_the_contract(small_dir, capsys):
     recipe = small_recipe(small_dir).model_copy(update={"budget": BudgetConfig(gpu="24GiB")})
     assert budget.main(recipe, "all", None, as_json=True) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [d["step"] for d in printed] == ["sft", "merge", "reward", "ppo", "grpo"]
+    assert [d["step"] for d in printed] == ["sft", "merge", "reward", "ppo", "grpo", "dpo"]
     assert budget.main(recipe, "sft", "12GiB", as_json=True) == 0
     assert json.loads(capsys.readouterr().out)["device_bytes"] == 12 * GiB
 
@@ -406,7 +406,7 @@ def check_fits_24gib(recipe: Recipe, step: str) -> None:
     assert data["fits"] and data["total_bytes"] <= 24 * GiB
 
 
-@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo"])
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo", "dpo"])
 def test_gpt_neox_20b_fits_24gib(neox20b, step):
     # rlhf checkpoints reentrantly (modeling.CHECKPOINT_KWARGS), which frees bitsandbytes' int8 matmul inputs.
     assert budget.checkpoint_reentrant()
@@ -478,6 +478,21 @@ def test_gpt_neox_20b_grpo_at_12gib_suggests_its_own_keys(neox20b):
         budget.preflight(neox20b, "grpo", "12GiB", force=False, out=io.StringIO())
 
 
+def test_gpt_neox_20b_dpo_at_16gib_suggests_its_own_keys(neox20b):
+    est = budget.estimate(neox20b, "dpo", 16 * GiB)
+    ranked = budget.suggest(est)
+    assert not est.fits and ranked and ranked[0].fits
+    keys = {c.key for s in ranked for c in s.changes}
+    assert {"dpo.batch_size", "dpo.max_length", "model.quantization"} <= keys
+    assert not any(k.startswith(("ppo.", "reward_model.")) for k in keys)
+    recipe, spec = budget.apply_changes(neox20b, est.reward_spec, ranked[0].changes)
+    assert budget.estimate(recipe, "dpo", 16 * GiB, spec).fits
+    # the reference's forward (no graph) never outweighs the policy's backward; the logits of both sides count
+    assert est.peak == "backward (one layer)" and est.components["logits"] > 0
+    with pytest.raises(DoesNotFit):
+        budget.preflight(neox20b, "dpo", "16GiB", force=False, out=io.StringIO())
+
+
 def test_gpt_neox_20b_merge_is_ram_and_disk(neox20b):
     est = budget.estimate(neox20b, "merge", 64 * GiB, disk_path=".")
     assert est.disk_bytes == 2 * NEOX_20B  # fp16 shards
@@ -527,6 +542,11 @@ def test_auto_fit_keeps_the_effective_batch(small_dir, monkeypatch):
     fitted = budget.auto_fit(recipe, "grpo", "1TiB")
     assert fitted.grpo.mini_batch_size == recipe.grpo.mini_batch_size and fitted.grpo.gradient_accumulation_steps == 1
     assert fitted.grpo.rollout_batch_size == 64  # every sequence of a step (8 prompts x 8 samples) at once
+    dpo = recipe.model_copy(
+        update={"dpo": recipe.dpo.model_copy(update={"batch_size": 2, "gradient_accumulation_steps": 4})}
+    )
+    fitted = budget.auto_fit(dpo, "dpo", "1TiB")
+    assert (fitted.dpo.batch_size, fitted.dpo.gradient_accumulation_steps) == (8, 1)  # the same 8 pairs a step
 
 
 def test_budget_list_names_the_shipped_models(capsys):

@@ -32,7 +32,7 @@ def test_24gb_recipes_fit_24gib(name, step):
     assert estimate(load_recipe(name), step, gpu_bytes("24GiB")).fits
 
 
-@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo"])
+@pytest.mark.parametrize("step", ["sft", "reward", "ppo", "grpo", "dpo"])
 def test_32b_recipe_fits_an_rtx4090_on_nf4(step):
     """The largest shipped model that RL-tunes on 24 GB: every training step of its recipe fits an RTX 4090."""
     from rlhf.budget import estimate, gpu_bytes

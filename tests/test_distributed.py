@@ -112,11 +112,15 @@ def test_ppo_on_two_processes(merged_run, tmp_path):
     assert by_rank[0][0] == by_rank[1][0], "the evaluation uses the same held-out prompts on every rank"
 
 
-def test_ppo_gradient_is_the_mean_over_ranks(merged_run, tmp_path):
-    """Through DDP each rank ends with the mean of the ranks' gradients: a sum (or a rank's own) fails the check in
-    tests/dp_grad_check.py, which runs the real trainer's update on both ranks."""
+def test_gradient_is_the_global_token_mean(merged_run, tmp_path):
+    """Through DDP each rank ends with the global token mean's gradient, for PPO (with and without the reentrant
+    checkpointing of the gpt-neox-20b recipe) and GRPO, and logs every rank's update statistics: the plain mean of the
+    ranks' token means, a sum, or a rank's own fail the checks in tests/dp_grad_check.py, which runs the real trainers'
+    updates on both ranks (one launch for all three)."""
     run = tmp_path / "run"
     shutil.copytree(merged_run, run, ignore=shutil.ignore_patterns("checkpoints"))
     script = str(Path(__file__).with_name("dp_grad_check.py"))
     done = _launch(str(run), script=script, env={"PYTHONPATH": os.pathsep.join(sys.path)})
-    assert done.stdout.count("gradient is the mean of 2 ranks'") == 2, done.stdout + done.stderr[-3000:]
+    for case in ("ppo", "ppo, reentrant checkpointing", "grpo"):
+        line = f": {case}: gradient is the token-weighted mean of 2 ranks'"
+        assert done.stdout.count(line) == 2, done.stdout + done.stderr[-3000:]

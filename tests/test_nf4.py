@@ -1,6 +1,6 @@
 """NF4 (4-bit) through every step on the real bitsandbytes path, at GPT-NeoX's and Llama's shapes: sft, merge, reward,
-ppo (on the learned reward, which scores on the policy's own 4-bit base) and grpo; the PPO ratio of the first
-mini-batch is 1 and generation's log-probs are the scoring pass's."""
+ppo (on the learned reward, which scores on the policy's own 4-bit base), grpo and dpo; the PPO ratio of the first
+mini-batch is 1 and generation's log-probs are the scoring pass's; the merge into the dequantized NF4 weights."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _base(shape: str, fixture_paths, root: Path) -> Path:
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def nf4_run(request, tmp_path_factory, fixture_paths) -> tuple[str, Path]:
-    """sft -> merge -> reward -> ppo (learned reward) -> grpo, every step on an NF4 base, through the CLI."""
+    """sft -> merge -> reward -> ppo (learned reward) -> grpo -> dpo, every step on an NF4 base, through the CLI."""
     shape = request.param
     root = tmp_path_factory.mktemp(f"nf4-{shape}")
     lora = {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": SHAPES[shape]}
@@ -67,6 +67,19 @@ def nf4_run(request, tmp_path_factory, fixture_paths) -> tuple[str, Path]:
         },
         "ppo": {"batch_size": 8, "ppo_epochs": 2, "lora": lora, **RL},
         "grpo": {"batch_size": 2, "group_size": 4, "epochs": 2, "lora": lora, **RL},
+        "dpo": {
+            "dataset": "fixture:imdb-preferences",
+            "max_length": 96,
+            "batch_size": 4,
+            "max_steps": 2,
+            "eval_pairs": 8,
+            "lora": lora,
+            "gradient_checkpointing": False,
+            "judge": "quickstart-sentiment",  # generation (eval mode) before training, as the RL steps
+            "eval_prompts": 4,
+            "rollout_batch_size": 4,
+            "generation": {"min_new_tokens": 3, "max_new_tokens": 6},
+        },
         "reward": {"name": "quickstart-sentiment"},
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -76,6 +89,7 @@ def nf4_run(request, tmp_path_factory, fixture_paths) -> tuple[str, Path]:
     assert cli("reward", "--run", run) == 0
     assert cli("ppo", "--run", run, "--reward", run / "reward") == 0
     assert cli("grpo", "--run", run) == 0
+    assert cli("dpo", "--run", run) == 0
     return shape, run
 
 
@@ -92,6 +106,9 @@ def test_every_step_runs_and_learns_on_nf4(nf4_run):
         assert [r["step"] for r in rows] == [1, 2], step
         assert all(math.isfinite(r[k]) for r in rows for k in ("reward_mean", "kl", "policy_loss")), step
         assert (run / f"{step}/adapter/adapter_model.safetensors").is_file()
+    dpo = read_jsonl(run / "dpo/metrics.jsonl")
+    assert [r["step"] for r in dpo] == [1, 2] and all(r["grad_norm"] > 0 and math.isfinite(r["loss"]) for r in dpo)
+    assert (run / "dpo/adapter/adapter_model.safetensors").is_file()
     for row in read_jsonl(run / "ppo/metrics.jsonl"):
         # The first mini-batch of each step's first epoch sees the policy that was scored: ratio 1, approx-KL 0.
         assert row["first_ratio"] == pytest.approx(1.0, abs=1e-5) and row["first_approx_kl"] < 1e-9, row

@@ -92,6 +92,11 @@ def test_suspicious_pairs_are_warned_about(tmp_path, tokenizer):
     assert "1 of 4 pairs in split 'train' join prompt and answer with no space" in text
     assert "1 of 4 pairs in split 'train' have chosen == rejected and are left out" in text
     assert len(prefs.train) + len(prefs.held_out) == 3
+    # A two-word prompt that begins one answer of many by chance is no mistake: no warning.
+    rows = [{"prompt": f"Film {i}:", "chosen": " good.", "rejected": " bad."} for i in range(40)]
+    rows.append({"prompt": "It is", "chosen": " It is one of the best", "rejected": " It is one of the worst"})
+    prefs = load_preferences(_cfg(_write(tmp_path / "chance.jsonl", rows)), "reward_model", tokenizer)
+    assert not prefs.warnings
 
 
 def test_held_out_pairs_are_counted_said_and_settable(tmp_path, tokenizer):
@@ -112,7 +117,8 @@ def test_held_out_pairs_are_counted_said_and_settable(tmp_path, tokenizer):
     _write(split / "train.jsonl", rows[:30])
     _write(split / "test.jsonl", rows[30:])
     prefs = load_preferences(SimpleNamespace(dataset=str(split), eval_pairs=4), "dpo", tokenizer)
-    assert (len(prefs.train), len(prefs.held_out)) == (30, 4) and "the first 4 of split 'test'" in prefs.summary()
+    assert (len(prefs.train), len(prefs.held_out)) == (30, 4)
+    assert "the first 4 of the 10 in split 'test'" in prefs.summary()
 
 
 @pytest.mark.parametrize(

@@ -282,7 +282,7 @@ def length_score(texts: list[str]) -> list[float]:
 
 
 def test_a_judge_decides_positive_and_the_reward_the_score(fixture_paths, tmp_path):
-    from rlhf.rewards import Judged, load_reward
+    from rlhf.rewards import Judged, Samples, load_reward, score_samples
 
     spec = tmp_path / "length.yaml"
     spec.write_text("name: length\ntype: callable\ncallable: test_reward:length_score\n")
@@ -292,4 +292,5 @@ def test_a_judge_decides_positive_and_the_reward_the_score(fixture_paths, tmp_pa
     assert out.scores.tolist() == [float(len(t)) for t in texts]
     assert out.positive.tolist() == [True, False]  # the classifier's verdict, not score > 0 (both scores are > 0)
     ids = torch.zeros(2, 3, dtype=torch.long)  # a reward without score_tokens scores the texts
-    assert judged.score_tokens(texts, ids, torch.ones_like(ids)).positive.tolist() == [True, False]
+    samples = Samples(texts, ["", ""], texts, [[], []], input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert score_samples(judged, samples).positive.tolist() == [True, False]

@@ -43,6 +43,10 @@ def test_without_a_test_split_evaluation_prompts_are_never_drawn_in_training(tmp
     saved = {**trainer.settings(), "held_out_of_train": 16}
     with pytest.raises(UserError, match="held_out_of_train: 16 -> 8"):
         check_resume_settings(trainer, {"settings": saved}, force=False)
+    # Each rank's prompts depend on the number of processes: a resume on another number is refused too.
+    saved = {**trainer.settings(), "world_size": 2}
+    with pytest.raises(UserError, match="world_size: 2 -> 1"):
+        check_resume_settings(trainer, {"settings": saved}, force=False)
 
 
 def test_a_save_killed_between_its_renames_keeps_the_previous_adapter(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from rlhf.budget.shapes import model_shape, shipped_configs_dir
 from rlhf.config import Recipe, load_recipe
 
 RECIPES = ("gpt-neox-20b", "llama-3.1-8b", "qwen2.5-14b", "qwen2.5-32b")  # shipped recipes tuned for one card
-STEPS = ("sft", "reward", "ppo", "grpo")  # the training steps (merge runs in RAM, not on the card)
+STEPS = ("sft", "reward", "ppo", "grpo", "dpo")  # the training steps (merge runs in RAM, not on the card)
 
 
 @dataclass(frozen=True)

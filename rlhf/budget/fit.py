@@ -112,28 +112,27 @@ def _knobs(est: Estimate) -> list[list[tuple[Change, ...]]]:
                 if b >= 64
             ]
         )
-    elif est.step == "reward":
-        cfg = recipe.reward_model
+    elif est.step in ("reward", "dpo"):
+        section = {"reward": "reward_model", "dpo": "dpo"}[est.step]
+        cfg = getattr(recipe, section)
         if not cfg.gradient_checkpointing:
-            knobs.append(
-                [(Change("reward_model.gradient_checkpointing", True, 1, "~30% slower steps, same training"),)]
-            )
+            knobs.append([(Change(f"{section}.gradient_checkpointing", True, 1, "~30% slower steps, same training"),)])
         effective = cfg.batch_size * cfg.gradient_accumulation_steps
         knobs.append(
             [
                 (
-                    Change("reward_model.batch_size", b, 1, "fewer pairs a micro-batch, same effective batch: slower"),
-                    Change("reward_model.gradient_accumulation_steps", effective // b, 1, ""),
+                    Change(f"{section}.batch_size", b, 1, "fewer pairs a micro-batch, same effective batch: slower"),
+                    Change(f"{section}.gradient_accumulation_steps", effective // b, 1, ""),
                 )
                 for b in _divisors(effective)
                 if b < cfg.batch_size
             ]
         )
         if cfg.optimizer == "adamw":
-            knobs.append([(Change("reward_model.optimizer", "adamw_8bit", 2, EIGHT_BIT_ADAM),)])
+            knobs.append([(Change(f"{section}.optimizer", "adamw_8bit", 2, EIGHT_BIT_ADAM),)])
         knobs.append(
             [
-                (Change("reward_model.max_length", n, 3, "longer pairs are left out of training"),)
+                (Change(f"{section}.max_length", n, 3, "longer pairs are left out of training"),)
                 for n in (cfg.max_length // 2**k for k in range(1, 6))
                 if n >= 64
             ]
@@ -250,10 +249,10 @@ def _combine(est: Estimate, knobs: list[list[tuple[Change, ...]]]) -> Suggestion
 def auto_fit(recipe: Recipe, step: str, gpu: str | None, lengths: DataLengths | None = None) -> Recipe:
     """The recipe with the largest micro-batch that fits, the effective batch kept by gradient accumulation.
 
-    sft: sft.batch_size x sft.gradient_accumulation_steps stays the same. ppo and grpo: mini_batch_size (the sequences
-    per optimizer step) stays; its micro-batch (mini_batch_size / gradient_accumulation_steps) is chosen, and when
-    generation is what does not fit, rollout_batch_size is lowered too. Nothing fits: the smallest settings (the
-    pre-flight then says so).
+    sft, reward, dpo: batch_size x gradient_accumulation_steps of the section stays the same. ppo and grpo:
+    mini_batch_size (the sequences per optimizer step) stays; its micro-batch (mini_batch_size /
+    gradient_accumulation_steps) is chosen, and when generation is what does not fit, rollout_batch_size is lowered
+    too. Nothing fits: the smallest settings (the pre-flight then says so).
     """
     device = resolve_device(gpu, recipe)
 
@@ -285,6 +284,18 @@ def auto_fit(recipe: Recipe, step: str, gpu: str | None, lengths: DataLengths | 
         # The update's micro-batch first (with the smallest rollout), then the largest rollout batch beside it.
         micro = next((m for m in micros if fits(with_(m, rollouts[-1]))), micros[-1])
         options = [with_(micro, r) for r in rollouts]
+    elif step in ("reward", "dpo"):
+        section = {"reward": "reward_model", "dpo": "dpo"}[step]
+        cfg = getattr(recipe, section)
+        effective = cfg.batch_size * cfg.gradient_accumulation_steps
+        options = [
+            recipe.model_copy(
+                update={
+                    section: cfg.model_copy(update={"batch_size": b, "gradient_accumulation_steps": effective // b})
+                }
+            )
+            for b in _divisors(effective)
+        ]
     else:
         return recipe
     return next((candidate for candidate in options if fits(candidate)), options[-1])

@@ -5,7 +5,7 @@ What is counted follows what rlhf's code does, not a generic rule of thumb:
 weights       quantized linears (LLM.int8: int8 values + one fp32 scale per output row, `SCB`; NF4: 4-bit values +
               an absmax per block of 64, itself quantized to 8 bits with an fp32 absmax per 256 blocks: double
               quant); biases, embeddings and the unembedding in model.dtype (our k-bit preparation, not peft's,
-              which would upcast them all to fp32); LayerNorms in fp32; buffers as they are.
+              which would upcast them all to fp32); norms in model.dtype too; buffers as they are.
 lora          adapter parameters, fp32 (`modeling.add_lora`).
 gradients     fp32, one per trainable parameter (LoRA, and the value head in PPO), while a step is in flight.
 optimizer     Adam/AdamW: two fp32 states (8 B/param); bitsandbytes 8-bit: two uint8 states + an fp32 absmax per 256
@@ -15,9 +15,10 @@ activations   what autograd keeps, per GPT-NeoX layer and token (d = bytes of mo
                 layer input d*h; q and k after the rotary embedding d*2h; v d*h (on CUDA sdpa keeps v as a view
                 of the fused qkv output, so all of it, d*3h, stays); attention output d*h + fp32 logsumexp 4*a
                 (sdpa; eager adds the a*T probabilities, fp32 and in model.dtype); the MLP activation's input
-                d*i; two LayerNorms' fp32 mean and rstd; LLM.int8 keeps the input of each of its four matmuls,
-                d*(3h + i); each LoRA target keeps an fp32 copy of its input (peft casts to the adapter's
-                dtype), plus the dropout mask when lora.dropout > 0.
+                d*i; two LayerNorms' fp32 mean and rstd; in half precision an RMSNorm keeps an fp32 copy of its
+                input, 4*h, instead of it (transformers' RMSNorms compute in fp32); LLM.int8 keeps the input of
+                each of its four matmuls, d*(3h + i); each LoRA target keeps an fp32 copy of its input (peft
+                casts to the adapter's dtype), plus the dropout mask when lora.dropout > 0.
               With gradient checkpointing only each layer's input is stored (d*h per layer and token); the backward
               pass recomputes one layer at a time, and holds that layer's saved tensors, its gradients
               (d*(2h + 2i) per token) and the dequantized weight of its largest quantized linear (bitsandbytes
@@ -64,7 +65,7 @@ def nf4_bytes(n: int) -> int:
 
 
 def weight_bytes(shape: ModelShape, quantization: str, d: int) -> int:
-    """The model on the device after `modeling.load_base` + `prepare_for_training` (LayerNorms cast to fp32)."""
+    """The model on the device after `modeling.load_base` + `prepare_for_training` (norms in model.dtype)."""
     total = 0
     for lin in shape.linears:
         if not lin.quantized:
@@ -72,7 +73,7 @@ def weight_bytes(shape: ModelShape, quantization: str, d: int) -> int:
         n = lin.in_features * lin.out_features
         total += {"8bit": int8_bytes(lin), "4bit": nf4_bytes(n), "none": d * n}[quantization]
         total += d * lin.out_features if lin.bias else 0
-    return total + d * shape.other_params + 4 * shape.norm_params + shape.buffer_bytes
+    return total + d * (shape.other_params + shape.norm_params) + shape.buffer_bytes
 
 
 def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
@@ -111,6 +112,12 @@ class TrainSetup:
     reentrant: bool = True  # gradient checkpointing without a graph in forward (see checkpoint_reentrant)
 
 
+def rms_copies(shape: ModelShape, d: int) -> bool:
+    """Whether the norms keep fp32 copies of their inputs for backward: transformers' RMSNorms compute in fp32, so in
+    half precision each keeps its own fp32 copy (and not its input); in fp32 the copy is the input itself."""
+    return d < 4 and shape.upcast_norms > 0
+
+
 def layer_saved_per_token(shape: ModelShape, s: TrainSetup, seq: int) -> int:
     """Bytes autograd keeps per token for one decoder layer in a training forward (no checkpointing).
 
@@ -118,8 +125,11 @@ def layer_saved_per_token(shape: ModelShape, s: TrainSetup, seq: int) -> int:
     """
     h, i, d = shape.hidden, shape.intermediate, s.d
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    saved = d * h  # the layer input: both LayerNorms and the residual read it
-    saved += 2 * 2 * 4  # two LayerNorms' fp32 mean and rstd
+    if rms_copies(shape, d):
+        saved = shape.upcast_norms * 4 * h  # each RMSNorm's fp32 copy of its input, instead of the input
+    else:
+        saved = d * h  # the layer input: both LayerNorms and the residual read it
+    saved += 2 * 2 * 4  # two norms' fp32 mean and rstd
     saved += d * (q_dim + kv_dim)  # q and k after the rotary embedding (new tensors)
     if shape.fused_qkv and s.device_kind == "cuda":
         saved += d * (q_dim + 2 * kv_dim)  # v is a view of the fused qkv output, which it keeps alive
@@ -165,14 +175,17 @@ def train_activations(shape: ModelShape, s: TrainSetup, batch: int, seq: int, ch
     """
     tokens = batch * seq
     hidden = s.d * shape.hidden * tokens
+    copies = rms_copies(shape, s.d)
+    final = 4 * shape.hidden * tokens if copies else hidden  # what the final norm keeps: its input or its fp32 copy
+    in_layer = 0 if copies else hidden  # the stored layer input, when the recomputed layer's saved tensors include it
     per_layer = layer_saved_per_token(shape, s, seq) * tokens
     working = backward_working_per_token(shape, s) * tokens + dequant_bytes(shape, s)
     if checkpointing:
-        stored = (shape.layers + 1) * hidden
+        stored = shape.layers * hidden + final
         if s.quantization == "8bit" and not s.reentrant:
             stored += shape.layers * s.d * (3 * shape.hidden + shape.intermediate) * tokens  # int8 ctx.tensors
-        return stored, stored + per_layer - hidden + working
-    stored = shape.layers * per_layer + hidden
+        return stored, stored + per_layer - in_layer + working
+    stored = shape.layers * per_layer + final
     return stored, stored + working
 
 

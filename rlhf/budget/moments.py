@@ -2,6 +2,7 @@
 
 sft:    loss (the fp32 logits)       backward (one layer recomputed, its gradients)
 reward: loss (scores of a micro-batch of pairs)                      backward (one layer recomputed, its gradients)
+dpo:    reference (no grad, answer logits)   loss (policy's answer logits)   backward (one layer recomputed, logits)
 ppo:    generation (KV cache)        scoring (policy + reference)     reward     update (loss)     update (backward)
 grpo:   the same moments, without the value head; batch_size x group_size sequences a step
 merge: one moment, on the CPU: the largest tensor's working set, the adapter twice, this process
@@ -53,7 +54,13 @@ def lora_targets(shape: ModelShape, lora: LoraConfig) -> list[str]:
 
 
 def _lora_setup(recipe: Recipe, shape: ModelShape, step: str, device_kind: str) -> TrainSetup:
-    lora = {"ppo": recipe.ppo.lora, "grpo": recipe.grpo.lora, "reward": recipe.reward_model.lora}.get(step, recipe.lora)
+    lora = {
+        "ppo": recipe.ppo.lora,
+        "grpo": recipe.grpo.lora,
+        "reward": recipe.reward_model.lora,
+        "dpo": recipe.dpo.lora,
+    }
+    lora = lora.get(step, recipe.lora)
     return TrainSetup(
         quantization=recipe.model.quantization,
         d=DTYPE_BYTES[recipe.model.dtype],
@@ -135,6 +142,62 @@ def reward_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
     )
     notes = _int8_kept_note(shape, s, sequences * cfg.max_length, cfg.gradient_checkpointing)
+    return moments, settings, notes
+
+
+def dpo_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[dict, str, list[str]]:
+    """({moment: {component: bytes}}, the settings line, notes) of `rlhf dpo`: a micro-batch of pairs (chosen and
+    rejected in one forward, max_length tokens a side at most) first through the reference (the adapter off, no
+    graph: its activations are freed before the policy's are made), then through the policy at the loss and in the
+    backward pass. Logits are kept for the answer positions only (at most max_length - 1 of them), the log-probs taken
+    in fp32 chunks, as PPO's update does."""
+    cfg = recipe.dpo
+    s = _lora_setup(recipe, shape, "dpo", device_kind)
+    d, V = s.d, shape.vocab
+    n_lora = lora_params(shape, s.lora_rank, list(s.lora_targets))
+    resident = {
+        "weights": weight_bytes(shape, s.quantization, d),  # one copy: the reference is the adapter switched off
+        "lora": 4 * n_lora,
+        "optimizer": optimizer_bytes(
+            lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)), cfg.optimizer == "adamw_8bit"
+        ),
+    }
+    sequences, seq = 2 * cfg.batch_size, cfg.max_length
+    answer = seq  # the answer positions' logits, with the one before the first answer token (logits_to_keep)
+    chunk = chunk_tokens(sequences, answer)
+    grads = 4 * n_lora  # kept across gradient-accumulation micro-batches
+    reference = {
+        **resident,
+        "gradients": grads,  # the earlier micro-batches' gradients are already there
+        "activations": inference_per_token(shape, s) * sequences * seq + inference_fixed(shape, s),
+        "logits": sequences * answer * V * d + 2 * 4 * chunk * V,
+    }
+    at_loss, at_backward = train_activations(shape, s, sequences, seq, cfg.gradient_checkpointing)
+    logits = sequences * answer * V * d
+    backward_chunks = 2 if chunk == sequences * answer else 3  # as PPO's update (rl_moments)
+    moments = {
+        "reference (no grad)": reference,
+        "loss (policy log-probs)": {
+            **resident,
+            "gradients": grads,
+            "activations": at_loss,
+            "logits": logits + 8 * chunk * V,
+        },
+        "backward (one layer)": {
+            **resident,
+            "gradients": grads,
+            "activations": at_backward,
+            "logits": 2 * logits + backward_chunks * 4 * chunk * V,  # logits kept, their gradient, fp32 chunks
+        },
+    }
+    settings = (
+        f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
+        f"micro-batch {cfg.batch_size} pairs = {sequences} x {seq} tokens, reference = adapter off; gradient "
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
+    )
+    notes = _int8_kept_note(shape, s, sequences * seq, cfg.gradient_checkpointing)
+    if cfg.judge:
+        notes.append(f"not counted: the judged generation eval before and after training (dpo.judge: {cfg.judge})")
     return moments, settings, notes
 
 

@@ -11,7 +11,15 @@ from typing import Any
 
 from rlhf.budget.device import CUDA_CONTEXT, ram_device, resolve_device
 from rlhf.budget.lengths import DataLengths
-from rlhf.budget.moments import grpo_moments, lora_targets, merge_ram, ppo_moments, reward_moments, sft_moments
+from rlhf.budget.moments import (
+    dpo_moments,
+    grpo_moments,
+    lora_targets,
+    merge_ram,
+    ppo_moments,
+    reward_moments,
+    sft_moments,
+)
 from rlhf.budget.shapes import ModelShape, model_shape
 from rlhf.config import Recipe
 from rlhf.errors import UserError
@@ -29,7 +37,7 @@ COMPONENTS = (
     "reward_model",
     "overhead",
 )
-STEPS = ("sft", "merge", "reward", "ppo", "grpo")
+STEPS = ("sft", "merge", "reward", "ppo", "grpo", "dpo")
 FRAGMENTATION = 0.10  # of the bytes allocated and freed during a step (activations, logits, KV cache, gradients)
 ASSUMED_REWARD_MODEL = "lvwerra/distilbert-imdb"  # sized, with a spec's defaults, when the spec cannot be read
 
@@ -152,7 +160,8 @@ def estimate(
     disk_path: Path | str | None = None,
     lengths: DataLengths | None = None,
 ) -> Estimate:
-    """The predicted peak memory of `step` (sft | merge | reward | ppo | grpo) for `recipe`, against `device_bytes`.
+    """The predicted peak memory of `step` (sft | merge | reward | ppo | grpo | dpo) for `recipe`, against
+    `device_bytes`.
 
     `device_bytes` None: the device `resolve_device` picks (merge: free RAM). `device_kind`: "cuda" plans for a GPU
     (CUDA context counted; the reward model counts only if its spec puts it on the GPU), "cpu" for a CPU run;
@@ -184,6 +193,9 @@ def estimate(
             static = ("weights", "lora", "optimizer")
         elif step == "reward":
             raw, settings, notes = reward_moments(recipe, shape, device_kind)
+            static = ("weights", "lora", "optimizer")
+        elif step == "dpo":
+            raw, settings, notes = dpo_moments(recipe, shape, device_kind)
             static = ("weights", "lora", "optimizer")
         else:
             spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name)

@@ -51,6 +51,15 @@ _SHRINK = {
         "overhead": "this process: Python, torch, transformers",
     },
 }
+_SHRINK["dpo"] = {
+    "weights": "model.quantization=4bit (NF4: ~0.52 B/param)",
+    "lora": "dpo.lora.rank, dpo.lora.target_modules",
+    "gradients": "dpo.lora.rank, dpo.lora.target_modules",
+    "optimizer": "dpo.optimizer=adamw_8bit (2 B/param instead of 8)",
+    "activations": "dpo.batch_size (+ gradient_accumulation_steps), dpo.max_length",
+    "logits": "dpo.batch_size, dpo.max_length",
+    "overhead": "fixed: CUDA context + allocator fragmentation",
+}
 # GRPO's knobs are PPO's, in its own section; no value head.
 _SHRINK["grpo"] = {k: v.replace("ppo.", "grpo.") for k, v in _SHRINK["ppo"].items() if k != "value_head"}
 

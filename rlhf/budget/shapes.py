@@ -25,7 +25,7 @@ from rlhf.config import PACKAGE_DIR
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_text
 
-SHAPE_FORMAT = 1  # bump when ModelShape's fields or how they are computed change: every cached shape is then redone
+SHAPE_FORMAT = 2  # bump when ModelShape's fields or how they are computed change: every cached shape is then redone
 
 
 def shipped_configs_dir() -> Path:
@@ -112,6 +112,7 @@ class ModelShape:
     linears: tuple[LinearShape, ...]  # every nn.Linear, the output embedding included (quantized=False)
     layer_linears: tuple[LinearShape, ...]  # those of one decoder layer
     norm_params: int
+    upcast_norms: int  # norms in one decoder layer that compute on an fp32 copy of their input (RMSNorms)
     buffer_bytes: int
     hidden: int
     layers: int
@@ -265,6 +266,9 @@ def compute_shape(text: str, config_path: str, name: str, kind: str, trust_remot
         for n, m in blocks[0][0].named_modules()
         if isinstance(m, nn.Linear)
     )
+    # transformers' RMSNorms (Llama, Qwen2, Mistral, Gemma, Phi-3) cast their input to fp32 and keep that copy for
+    # backward; LayerNorm's kernel keeps the input as it is.
+    upcast_norms = sum("RMSNorm" in type(m).__name__ for m in blocks[0][0].modules())
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -280,6 +284,7 @@ def compute_shape(text: str, config_path: str, name: str, kind: str, trust_remot
         linears=linears,
         layer_linears=layer_linears,
         norm_params=norm_params,
+        upcast_norms=upcast_norms,
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         hidden=hidden,
         layers=layers_count,

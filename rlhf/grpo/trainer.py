@@ -19,7 +19,7 @@ import torch
 from rlhf.grpo import core
 from rlhf.grpo.update import micro_batch_size, optimise
 from rlhf.rl.prompts import step_seed
-from rlhf.rl.rollout import collect, partition, score
+from rlhf.rl.rollout import partition, score
 from rlhf.rl.telemetry import Timer
 from rlhf.rl.trainer import RLTrainer
 from rlhf.rl.update import Optimisation
@@ -38,11 +38,8 @@ class GRPOTrainer(RLTrainer):
         seed = step_seed(cfg.seed, self.step, self.rank)
         n = cfg.batch_size * cfg.group_size
         # 1-2. each prompt group_size times in consecutive rows (rows [g * G, (g + 1) * G) are group g), rewarded
-        prompts = self.prompts.batch(self.step, cfg.batch_size, self.rank, self.world_size)
-        rollout = collect(
-            self.policy, self.tokenizer, self.reward, [p for p in prompts for _ in range(cfg.group_size)],
-            cfg.generation, cfg.rollout_batch_size, seed + 7919 * self.retries, self.timer,
-        )  # fmt: skip
+        prompts = self.prompts.draw(self.step, cfg.batch_size, self.rank, self.world_size)
+        rollout = self.collect(prompts, cfg.group_size, seed + 7919 * self.retries)
         # 3. policy and reference log-probs in the micro-batches of the first update epoch (LLM.int8 is batch-dependent)
         generator = torch.Generator().manual_seed(seed + 1)
         first_order = torch.randperm(n, generator=generator)
@@ -73,7 +70,7 @@ class GRPOTrainer(RLTrainer):
         all_positive = parallel.gather(rollout.positive.float().to(all_scores.device))
         row = {
             "step": self.step,
-            **self.reward_metrics(all_scores, all_positive),
+            **self.reward_metrics(rollout, all_scores, all_positive),
             **core.group_stats(all_scores, cfg.group_size),
             "kl": parallel.mean(kl.mean().item()),
             "kl_coef": cfg.beta,

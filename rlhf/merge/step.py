@@ -289,7 +289,7 @@ def merge_checkpoint(
         logits_diff = None
         probes: dict[str, float] = {}
         if probe:
-            probes = probe_logits(base_dir, adapter_dir, tmp, trust_remote_code, trained)
+            probes = probe_logits(base_dir, adapter_dir, tmp, trust_remote_code, trained, target_dtype)
             # The check is against the weights merged into: the original ones, or the 4-bit model as trained.
             logits_diff = probes["trained" if rounded else "original"]
             against = "4-bit base + adapter, as trained" if rounded else "base + adapter"

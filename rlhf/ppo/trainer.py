@@ -19,7 +19,7 @@ from rlhf import modeling
 from rlhf.ppo import core
 from rlhf.ppo.update import Optimisation, micro_batch_size, optimise
 from rlhf.rl.prompts import step_seed
-from rlhf.rl.rollout import collect, partition, score
+from rlhf.rl.rollout import partition, score
 from rlhf.rl.telemetry import Timer
 from rlhf.rl.trainer import RLTrainer
 
@@ -52,11 +52,8 @@ class PPOTrainer(RLTrainer):
         started = time.perf_counter()
         seed = step_seed(cfg.seed, self.step, self.rank)
         # 1-2. generate the responses and score their text
-        prompts = self.prompts.batch(self.step, cfg.batch_size, self.rank, self.world_size)
-        rollout = collect(
-            self.policy, self.tokenizer, self.reward, prompts, cfg.generation, cfg.rollout_batch_size,
-            seed + 7919 * self.retries, self.timer,
-        )  # fmt: skip
+        prompts = self.prompts.draw(self.step, cfg.batch_size, self.rank, self.world_size)
+        rollout = self.collect(prompts, 1, seed + 7919 * self.retries)
         # 3. log-probs, values and reference log-probs, in the micro-batches of the first update epoch
         generator = torch.Generator().manual_seed(seed + 1)
         first_order = torch.randperm(cfg.batch_size, generator=generator)
@@ -86,7 +83,7 @@ class PPOTrainer(RLTrainer):
         all_positive = parallel.gather(rollout.positive.float().to(all_scores.device))
         row = {
             "step": self.step,
-            **self.reward_metrics(all_scores, all_positive),
+            **self.reward_metrics(rollout, all_scores, all_positive),
             "kl": stats["kl"],
             "kl_coef": kl_coef,
             **{k: stats[k] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio", "vf_clipfrac")},

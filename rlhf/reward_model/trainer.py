@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from rlhf import modeling
+from rlhf.chat import set_chat_template
 from rlhf.config import Recipe
 from rlhf.errors import UserError
 from rlhf.reward_model.data import Pairs, load_pairs
 from rlhf.reward_model.loss import pair_stats, pairwise_loss
-from rlhf.rl import checkpoint
+from rlhf.rl import checkpoint, schedule
 from rlhf.rl.reward import ScoreHead, sequence_scores
 from rlhf.rl.telemetry import Log, peak_memory_bytes, progress
 from rlhf.runs import Run
@@ -52,6 +53,7 @@ class RewardTrainer:
         cfg = self.cfg
         merged = self.run.merged
         self.tokenizer = modeling.load_tokenizer(merged, self.recipe.model.trust_remote_code)
+        set_chat_template(self.tokenizer, self.recipe.model.chat_template)  # chat pairs: the run's own template
         # The data first: a bad pair fails in seconds, before the model loads.
         self.train_pairs, self.eval_pairs, self.preferences = load_pairs(cfg, self.tokenizer)
         if not len(self.eval_pairs):
@@ -78,23 +80,13 @@ class RewardTrainer:
     # --- the schedule: functions of the step alone ---
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
-        if step < cfg.warmup_steps:
-            return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-        if cfg.lr_scheduler == "constant":
-            return cfg.learning_rate
-        remaining = (self.total_steps - step) / max(1, self.total_steps - cfg.warmup_steps)
-        return cfg.learning_rate * max(0.0, remaining)
+        return schedule.learning_rate(step, cfg.learning_rate, cfg.warmup_steps, cfg.lr_scheduler, self.total_steps)
 
     def step_pairs(self, step: int) -> list[list[int]]:
-        """The micro-batches (indices of training pairs) of optimizer step `step`: each epoch is a permutation drawn
-        from (seed, epoch), so any step's pairs are known without replaying the ones before it."""
-        cfg, n = self.cfg, len(self.train_pairs)
-        indices = []
-        for j in range(cfg.batch_size * cfg.gradient_accumulation_steps):
-            epoch, pos = divmod(step * cfg.batch_size * cfg.gradient_accumulation_steps + j, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            indices.append(int(order[pos]))
-        return [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+        cfg = self.cfg
+        return schedule.step_pairs(
+            step, len(self.train_pairs), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed
+        )
 
     def collate(self, pairs: Pairs, indices: list[int]) -> tuple[Tensor, Tensor]:
         """[2b, T] ids and mask: the b chosen sides, then the b rejected ones, right-padded, in one forward (LLM.int8

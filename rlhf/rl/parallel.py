@@ -72,6 +72,19 @@ class Parallel:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(t, reduction="mean").item())
 
+    def sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+    def means(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the ranks, in one collective (every rank passes the same keys)."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        return dict(zip(values, self.accelerator.reduce(t, reduction="mean").tolist()))
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's rows, concatenated (all ranks hold the same number of rows)."""
         if not self.distributed:

@@ -165,14 +165,20 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int | None = None
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        greedy: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Sample `max_new_tokens` tokens after left-padded prompts, with a KV cache.
 
         Returns (response_ids [B, N], response_mask [B, N], logprobs [B, N]: each sampled token's log-prob under the
-        distribution it was drawn from); with `eos_token_id`, tokens after a row's first EOS are masked out (the row
-        keeps its EOS), and decoding stops once every row has ended (N < max_new_tokens then). Our own loop rather
-        than generate(): positions, sampling and stopping are exactly those the scoring forward assumes.
+        distribution it was drawn from); `greedy` takes the most likely token instead (evaluation). With
+        `eos_token_id`, tokens after a row's first EOS are masked out (the row keeps its EOS), and decoding stops once
+        every row has ended (N < max_new_tokens then). Our own loop rather than generate(): positions, sampling and
+        stopping are exactly those the scoring forward assumes.
         """
         from transformers import DynamicCache
 
@@ -196,7 +202,7 @@ class Policy(nn.Module):
             logits = out.logits[:, -1].float()
             if self.temperature != 1.0:
                 logits = logits / self.temperature
-            token = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+            token = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
             logprobs = torch.log_softmax(logits, dim=-1)
             out_tokens.append(token)
             out_logprobs.append(logprobs.gather(-1, token[:, None]).squeeze(-1))

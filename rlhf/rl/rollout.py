@@ -1,8 +1,9 @@
 """A rollout: generate responses to prompts, score the text with the reward, and take the log-probs RL needs.
 
 1. generate, `rollout_batch_size` sequences at a time (KV cache on, checkpointing off, eval mode)
-2. decode prompt + response and score the text with the reward model (its own tokenizer) or a callable; a reward
-   adapter on the policy's own base (rlhf reward) scores the token ids themselves
+2. decode prompt + response and score them with the reward: a classifier reads the text (its own tokenizer), a
+   callable the completions with their prompts' dataset rows (TRL's convention), a reward adapter on the policy's own
+   base (rlhf reward) the token ids themselves
 3. log-probs of the policy (and values, for PPO) and of the reference (adapter disabled), without grad, in train mode
    and in the exact micro-batches the first update epoch will use (see `score`)
 """
@@ -10,12 +11,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from rlhf.config import GenerationConfig
+from rlhf.rewards import Samples, score_samples
 from rlhf.rl.policy import Policy
 from rlhf.rl.prompts import left_pad, pad_left, pad_right
 from rlhf.rl.telemetry import Timer
@@ -35,6 +37,7 @@ class Rollout:
     ref_logprobs: Tensor | None = None  # [B, R] reference (adapter disabled)
     values: Tensor | None = None  # [B, R] PPO only
     entropy: Tensor | None = None  # [B, R]
+    components: dict[str, Tensor] = field(default_factory=dict)  # [B] a callable's own values, NaN: does not apply
 
     @property
     def texts(self) -> list[str]:
@@ -58,6 +61,7 @@ def generate(
     rollout_batch_size: int,
     seed: int,
     timer: Timer,
+    greedy: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(query, query_mask, response, response_mask) for the prompts: prompts left-padded to one width P, responses
     right-padded to R. Each response runs to its own drawn length in [min_new_tokens, max_new_tokens]."""
@@ -74,7 +78,7 @@ def generate(
         sub_lengths = lengths[start : start + len(sub)]
         query, qmask = left_pad(sub, pad, device)
         t = time.perf_counter()
-        response, rmask, _ = policy.generate(query, qmask, int(sub_lengths.max()), eos)
+        response, rmask, _ = policy.generate(query, qmask, int(sub_lengths.max()), eos, greedy=greedy)
         within = torch.arange(response.shape[1], device=device)[None] < sub_lengths[:, None].to(device)
         rmask = rmask * within.long()
         response = torch.where(rmask.bool(), response, torch.full_like(response, pad))
@@ -109,20 +113,29 @@ def collect(
     rollout_batch_size: int,
     seed: int,
     timer: Timer,
+    rows: list[dict] | None = None,
+    prompt_column: str = "prompt",
+    greedy: bool = False,
 ) -> Rollout:
-    """Steps 1 and 2: responses and their rewards (log-probs come from `score`)."""
-    query, qmask, response, rmask = generate(policy, tokenizer, prompts, gen, rollout_batch_size, seed, timer)
+    """Steps 1 and 2: responses and their rewards (log-probs come from `score`). `rows[i]` is prompt i's dataset row:
+    its prompt (as the dataset holds it) and its other columns go to the reward with the sample."""
+    query, qmask, response, rmask = generate(policy, tokenizer, prompts, gen, rollout_batch_size, seed, timer, greedy)
     t = time.perf_counter()
     prompt_texts, response_texts = decode(tokenizer, query, qmask, response, rmask)
-    texts = [p + r for p, r in zip(prompt_texts, response_texts)]
-    if hasattr(reward, "score_tokens"):  # a reward on the policy's own base scores the generated ids as they are
-        scored = reward.score_tokens(texts, torch.cat([query, response], 1), torch.cat([qmask, rmask], 1))
-    else:
-        scored = reward(texts)
+    samples = Samples(
+        prompts=[row[prompt_column] for row in rows] if rows is not None else list(prompt_texts),
+        completions=response_texts,
+        texts=[p + r for p, r in zip(prompt_texts, response_texts)],
+        completion_ids=[r[m.bool()].tolist() for r, m in zip(response, rmask)],
+        columns={k: [row[k] for row in rows] for k in rows[0] if k != prompt_column} if rows else {},
+        input_ids=torch.cat([query, response], 1),
+        attention_mask=torch.cat([qmask, rmask], 1),
+    )
+    scored = score_samples(reward, samples)
     timer.add("reward", t)
     return Rollout(
         query, qmask, response, rmask.float(), prompt_texts, response_texts,
-        scored.scores.to(query.device), scored.positive,
+        scored.scores.to(query.device), scored.positive, components=scored.components,
     )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ from rlhf.config import Recipe
 from rlhf.diversity import collapse_warning
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
+from rlhf.rewards import accuracy_reward
 from rlhf.rl import checkpoint
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.trainer import RLTrainer
@@ -48,6 +49,10 @@ def prepare(recipe: Recipe, run: Run, reward: str | None, resume: bool, force: b
     and budget from `recipe`) and the reward's name; a UserError when the run is not ready for it."""
     label = step.upper()
     trained = merged_run_recipe(run, recipe)
+    if recipe.model.chat_template and not trained.model.chat_template:  # given now, for this step's chat prompts
+        trained = trained.model_copy(
+            update={"model": trained.model.model_copy(update={"chat_template": recipe.model.chat_template})}
+        )
     recipe = trained.model_copy(update={step: getattr(recipe, step), "reward": recipe.reward, "budget": recipe.budget})
     reward_name = reward or recipe.reward.name
     recipe = recipe.model_copy(update={"reward": recipe.reward.model_copy(update={"name": reward_name})})
@@ -112,6 +117,11 @@ def execute(
     if resume:
         state = trainer.load_checkpoint()
         check_resume_settings(trainer, state, force)
+    # The evaluation before training runs before anything is written: a reward that fails on the first samples it
+    # sees (a wrong count, a non-number, an exception) stops the step with the run directory as it was.
+    before_path = directory / "eval_before.json"
+    kept_before = before_path.is_file() and (resume or restart or not force)
+    before = json.loads(before_path.read_text()) if kept_before else trainer.evaluate()
     # Only now, with the model, reward, data and checkpoint known to work, does the run directory change.
     if main:
         run.write_recipe(recipe, step)
@@ -126,16 +136,13 @@ def execute(
             print(f"{step}: resumed at step {trainer.step}", file=sys.stderr)
     parallel.barrier()  # rank 0's deletions and trims are done before any rank writes again
 
-    before_path = directory / "eval_before.json"
-    if before_path.is_file():
-        before = json.loads(before_path.read_text())
-    else:
-        before = trainer.evaluate()
-        if main:
-            atomic_write_json(before_path, before)
+    if main and not kept_before:
+        atomic_write_json(before_path, before)
     if main and before:
+        accuracy = before.get(f"reward_{accuracy_name(before, before, trainer)}")
+        task = f", accuracy {accuracy:.2f}" if accuracy is not None else ""
         print(
-            f"{step}: before: reward {before['reward']:.3f}, positive rate {before['positive_rate']:.2f}",
+            f"{step}: before: reward {before['reward']:.3f}, positive rate {before['positive_rate']:.2f}{task}",
             file=sys.stderr,
         )
 
@@ -156,6 +163,12 @@ def execute(
             f"{result['perplexity_before']:.1f} -> {result['perplexity_after']:.1f}, distinct-2 "
             f"{result['distinct_2_before']:.2f} -> {result['distinct_2_after']:.2f}; adapter: {adapter}"
         )
+        if "accuracy_after" in result:
+            print(
+                f"{step}: accuracy ({result['accuracy_reward']}, {result['n_prompts']} held-out prompts) "
+                f"{result['accuracy_before']:.2f} -> {result['accuracy_after']:.2f} sampled, "
+                f"{result['accuracy_greedy_before']:.2f} -> {result['accuracy_greedy_after']:.2f} greedy"
+            )
         collapsed = collapse_warning(result["distinct_2_before"], result["distinct_2_after"])
         if collapsed:
             print(
@@ -202,11 +215,29 @@ def train_interruptibly(trainer, main: bool) -> None:
         raise KeyboardInterrupt
 
 
+def accuracy_name(before: dict, after: dict, trainer: RLTrainer) -> str | None:
+    """The reward whose mean is the task accuracy: the one the spec marks (accuracy: true), else the first whose
+    values were all 0 or 1 before and after."""
+    marked = accuracy_reward(trainer.reward)
+    if marked is not None:
+        return marked
+    binary = [n for n in after.get("binary_rewards", []) if n in before.get("binary_rewards", [])]
+    return binary[0] if binary else None
+
+
 def eval_summary(before: dict, after: dict, trainer: RLTrainer) -> dict:
-    """eval.json: every number the evaluation measured, `_before` and `_after`, and the samples of both."""
+    """eval.json: every number the evaluation measured, `_before` and `_after`, and the samples of both; with a task
+    reward, `accuracy_before` / `accuracy_after` (sampled at the step's settings) and `accuracy_greedy_*`."""
     keys = [k for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    keys += [k for k in after if k.startswith("reward_") and after[k] is None]  # applied to no held-out sample
+    task = {}
+    if (name := accuracy_name(before, after, trainer)) is not None:
+        task = {"accuracy_reward": name}
+        for kind, key in (("accuracy", f"reward_{name}"), ("accuracy_greedy", f"reward_{name}_greedy")):
+            task |= {f"{kind}_before": before.get(key), f"{kind}_after": after.get(key)}
     return {
         **{f"{k}_{when}": ev.get(k) for k in keys for when, ev in (("before", before), ("after", after))},
+        **task,
         "early_stop": trainer.early_stop,
         "n_prompts": len(trainer.eval_texts),
         "eval_split": trainer.eval_source,

@@ -14,20 +14,20 @@ from abc import ABC, abstractmethod
 import torch
 
 from rlhf import modeling
-from rlhf.config import Recipe
-from rlhf.data import load_texts
+from rlhf.config import DataConfig, Recipe
+from rlhf.data import load_splits, load_texts
 from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
 from rlhf.io import trim_jsonl
 from rlhf.rewards import Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
-from rlhf.rl.core import masked_mean
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
 from rlhf.rl.policy import Policy, ValueHead, disable_dropout
-from rlhf.rl.prompts import Prompts
+from rlhf.rl.prompts import DatasetPrompts, PromptBatch, Prompts
 from rlhf.rl.reward import SharedBaseReward, check_same_base
 from rlhf.rl.reward_files import reward_adapter_dir
+from rlhf.rl.rollout import Rollout, collect
 from rlhf.rl.telemetry import Log, Timer, peak_memory_bytes, progress
 from rlhf.runs import Run
 
@@ -59,7 +59,7 @@ class RLTrainer(ABC):
     name = "rl"  # the recipe section and the run's subdirectory: "ppo", "grpo"
     value_head = False
     kl_setting = ""  # the setting that holds the policy near the reference, named when the responses collapse
-    # What to try when batches keep going non-finite, beyond the reward and the LayerNorms.
+    # What to try when batches keep going non-finite, beyond the reward and fp16 overflow.
     nonfinite_hint = "the learning rate too high"
 
     def __init__(self, recipe: Recipe, run: Run, reward_name: str, parallel: Parallel, out=None):
@@ -77,6 +77,7 @@ class RLTrainer(ABC):
         self.stop_requested = False
         self.early_stop: str | None = None
         self.log = Log(self.directory, self.name, parallel.is_main)
+        self.component_keys: list[str] = []  # reward_NAME of each reward of a callable or weighted spec
 
     # --- setup ---
     def setup(self) -> None:
@@ -110,6 +111,10 @@ class RLTrainer(ABC):
         self.module = self.parallel.wrap(self.policy)  # DDP averages the trainable parameters' gradients
 
     def _setup_data(self) -> None:
+        rows = self._prompt_rows()
+        if rows is not None:
+            self._setup_prompt_dataset(*rows)
+            return
         data, cfg = self.recipe.data, self.cfg
         setting = f"{self.name}.prompt_min_chars"
         train = load_texts(data, data.train_split, min_chars=cfg.prompt_min_chars, setting=setting)
@@ -137,6 +142,98 @@ class RLTrainer(ABC):
             self.eval_texts or train[:1], self.tokenizer, cfg.prompt_min_tokens, cfg.prompt_max_tokens, cfg.seed + 1
         )
 
+    def _prompt_rows(self) -> tuple[DataConfig, list[dict], list[dict] | None] | None:
+        """(the dataset's config, its train rows, its eval rows or None) when the prompts come from a prompt column;
+        None for a text corpus without one (the run's own data, as document prefixes)."""
+        cfg, name = self.cfg, self.name
+        if cfg.dataset is None:
+            source = self.recipe.data
+        else:
+            source = DataConfig(dataset=cfg.dataset, config_name=cfg.config_name, train_split=cfg.train_split,
+                                eval_split=cfg.eval_split)  # fmt: skip
+        splits = load_splits(source)
+        if source.train_split not in splits:
+            raise UserError(
+                f"dataset '{source.dataset}' has no split '{source.train_split}'; its splits are: "
+                f"{', '.join(splits)} (set {name}.train_split)"
+            )
+        columns = splits[source.train_split].column_names
+        if cfg.prompt_column not in columns:
+            if cfg.dataset is None and cfg.prompt_column == "prompt":
+                return None  # a text corpus: today's document-prefix prompts
+            raise UserError(
+                f"dataset '{source.dataset}' has no column '{cfg.prompt_column}' to take prompts from; its columns "
+                f"are: {', '.join(columns)} (set {name}.prompt_column)"
+            )
+        held_out = splits[source.eval_split].to_list() if source.eval_split in splits else None
+        return source, splits[source.train_split].to_list(), held_out
+
+    def _setup_prompt_dataset(self, source: DataConfig, train: list[dict], held_out: list[dict] | None) -> None:
+        """Prompts from a dataset column, each with its row; held-out prompts from the eval split, or else the last
+        `eval_prompts` rows, which training then never draws from."""
+        import json
+
+        cfg, name, column = self.cfg, self.name, self.cfg.prompt_column
+        self.held_out_of_train = 0
+        if held_out is not None:
+            self.eval_source = source.eval_split
+        else:
+            n = min(cfg.eval_prompts, len(train) // 2)
+            if cfg.eval_prompts and n == 0:
+                raise UserError(
+                    f"dataset '{source.dataset}' has no '{source.eval_split}' split and {len(train)} row(s): too few "
+                    f"to hold any out for evaluation; add a '{source.eval_split}' split or set {name}.eval_prompts=0"
+                )
+            held_out = train[len(train) - n :]
+            seen = {json.dumps(row[column], sort_keys=True, default=str) for row in held_out}
+            train = [
+                r for r in train[: len(train) - n] if json.dumps(r[column], sort_keys=True, default=str) not in seen
+            ]
+            self.held_out_of_train = n
+            self.eval_source = f"{source.train_split} (last {n}, held out of training)"
+        model = self.recipe.model
+        prompts = [
+            DatasetPrompts(
+                rows,
+                column,
+                self.tokenizer,
+                cfg.max_prompt_tokens,
+                seed,
+                model.chat_template,
+                model.name,
+                f"dataset '{source.dataset}' split '{split}'",
+            )  # fmt: skip
+            for rows, seed, split in (
+                (train, cfg.seed, source.train_split),
+                (held_out[: cfg.eval_prompts], cfg.seed + 1, self.eval_source),
+            )
+        ]
+        self.prompts, self.eval_prompts = prompts
+        if not len(self.prompts):
+            raise UserError(
+                f"dataset '{source.dataset}': none of its {len(train)} training prompts is within "
+                f"{name}.max_prompt_tokens={cfg.max_prompt_tokens} tokens; raise it"
+            )
+        completions = held_out[0].get("completion") if held_out else None
+        self.eval_texts = [  # held-out text for the policy's perplexity: prompt and reference completion when given
+            text + row["completion"] if isinstance(completions, str) else text
+            for text, row in zip(self.eval_prompts.texts, self.eval_prompts.rows)
+        ]
+        if self.parallel.is_main:
+            kind = "chat messages rendered with the chat template" if self.prompts.conversational else "text"
+            too_long = self.prompts.n_too_long + self.eval_prompts.n_too_long
+            cut = (
+                f"; {too_long} longer than {name}.max_prompt_tokens={cfg.max_prompt_tokens} tokens left out"
+                if too_long
+                else ""
+            )
+            print(
+                f"{name}: prompts from column '{column}' of {source.dataset} ({kind}): {len(self.prompts)} to train "
+                f"on, {len(self.eval_prompts)} held out ({self.eval_source}){cut}; the reward also receives "
+                f"{', '.join(c for c in self.prompts.columns if c != column) or 'no other column'}",
+                file=self.out,
+            )
+
     def _setup_optimizer(self) -> None:
         if self.cfg.optimizer == "adam_8bit":
             import bitsandbytes as bnb
@@ -145,27 +242,56 @@ class RLTrainer(ABC):
         else:
             self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.learning_rate)
 
+    # --- rollouts ---
+    def collect(self, batch: PromptBatch, repeat: int, seed: int) -> Rollout:
+        """Generate and reward `repeat` samples of each prompt of the batch (a prompt's row goes with each sample).
+        A reward's error on one rank stops every rank: the others would wait for it in the next collective."""
+        cfg = self.cfg
+        rows = None if batch.rows is None else [row for row in batch.rows for _ in range(repeat)]
+        error, rollout = None, None
+        try:
+            rollout = collect(
+                self.policy, self.tokenizer, self.reward, [p for p in batch.tokens for _ in range(repeat)],
+                cfg.generation, cfg.rollout_batch_size, seed, self.timer, rows=rows, prompt_column=cfg.prompt_column,
+            )  # fmt: skip
+        except UserError as exc:
+            error = exc
+        if not self.parallel.all_true(error is None):
+            raise error or UserError(f"{self.name}: the reward failed on another process; its message is above")
+        return rollout
+
     # --- metrics ---
-    def reward_metrics(self, all_scores: torch.Tensor, all_positive: torch.Tensor) -> dict:
-        """The reward of the step's samples over every rank (its first columns in metrics.jsonl)."""
-        return {
+    def reward_metrics(self, rollout: Rollout, all_scores: torch.Tensor, all_positive: torch.Tensor) -> dict:
+        """The reward of the step's samples over every rank (its first columns in metrics.jsonl), then each reward
+        of the spec on its own (`reward_NAME`: its mean over the samples it applies to)."""
+        row = {
             "reward_mean": all_scores.mean().item(),
             "reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
             "positive_rate": all_positive.mean().item(),
         }
+        for name, values in (rollout.components or {}).items():
+            values = self.parallel.gather(values.float().to(all_scores.device))
+            applies = ~torch.isnan(values)
+            key = f"reward_{name}"
+            row[key] = values[applies].mean().item() if applies.any() else None
+            if key not in self.component_keys:
+                self.component_keys.append(key)
+        return row
 
     def step_metrics(self, rollout, stats: dict, elapsed: float) -> dict:
         """What every RL step logs after its algorithm's own columns: the update's gradient and first-ratio stats,
         the responses (entropy, diversity, length), throughput and where the step's time went."""
         n_tokens = float(rollout.response_mask.sum().item())
+        all_tokens = self.parallel.sum(n_tokens)
+        entropy_sum = float(torch.where(rollout.response_mask.bool(), rollout.entropy, 0.0).sum().item())
         return {
             "grad_norm": stats["grad_norm"],
             "first_ratio": stats["first_ratio"],
             "first_approx_kl": stats["first_approx_kl"],
             "first_clipfrac": stats["first_clipfrac"],
-            "entropy": masked_mean(rollout.entropy, rollout.response_mask).item(),
+            "entropy": self.parallel.sum(entropy_sum) / all_tokens,  # per response token, over every rank
             "distinct_2": self.parallel.mean(distinct_n(rollout.responses, 2)),
-            "response_len": n_tokens / len(rollout.prompts),
+            "response_len": all_tokens / (len(rollout.prompts) * self.world_size),
             # Response tokens per second of the whole step (generation, scoring and update), all ranks together.
             "tokens_per_s": self.parallel.mean(n_tokens / elapsed) * self.world_size,
             "generate_share": self.timer.seconds.get("generate", 0.0) / elapsed,
@@ -193,8 +319,11 @@ class RLTrainer(ABC):
             if row is None:
                 continue
             bar.update(1)
+            # Each reward of a weighted spec on its own (one reward alone is the reward column already).
+            keys = self.component_keys if len(self.component_keys) > 1 else []
+            each = {k.removeprefix("reward_"): f"{row[k]:.2f}" for k in keys if row.get(k) is not None}
             bar.set_postfix(
-                reward=f"{row['reward_mean']:.2f}", kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}",
+                reward=f"{row['reward_mean']:.2f}", **each, kl=f"{row['kl']:.2f}", pos=f"{row['positive_rate']:.2f}",
                 tok_s=f"{row['tokens_per_s']:.0f}", gen=f"{100 * row['generate_share']:.0f}%",
             )  # fmt: skip
             self.early_stop = self._guard(row)
@@ -259,7 +388,8 @@ class RLTrainer(ABC):
             kept = f"the last good checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved yet"
             raise NonFiniteError(
                 f"{self.nonfinite_in_a_row} batches in a row had a non-finite {what}; stopped at step {self.step} "
-                f"({kept}). Likely causes: a reward model or function returning NaN/inf, LayerNorms not in fp32, "
+                f"({kept}). Likely causes: a reward model or function returning NaN/inf, fp16 overflow "
+                f"(model.dtype=bfloat16), "
                 f"{self.nonfinite_hint}"
             )
         self.retries += 1  # the next attempt must not replay the same random draws
@@ -283,6 +413,8 @@ class RLTrainer(ABC):
             "reward": self.reward_name,
             # Without an eval split, eval_prompts sets how much of train is held out, so the prompts training draws.
             "held_out_of_train": self.held_out_of_train,
+            # Each rank's prompts are a function of (seed, step, rank, world size): another count draws others.
+            "world_size": self.world_size,
         }
 
     def save_checkpoint(self) -> None:
@@ -327,5 +459,5 @@ class RLTrainer(ABC):
         cfg = self.cfg
         return evaluate(
             self.policy, self.tokenizer, self.reward, self.eval_prompts, self.eval_texts, cfg.generation,
-            cfg.rollout_batch_size, cfg.seed + 12345,
+            cfg.rollout_batch_size, cfg.seed + 12345, cfg.prompt_column,
         )  # fmt: skip

@@ -64,7 +64,10 @@ def run_epochs(
         order = first_order if epoch == 0 else torch.randperm(n, generator=generator)
         for start in range(0, n, mini_batch_size):
             batches = partition(order[start : start + mini_batch_size], micro)
-            tokens = mask[order[start : start + mini_batch_size].to(mask.device)].sum()
+            # The mini-batch's response tokens over every rank: DDP averages the ranks' gradients, so each rank
+            # weighs its micro-batches by world_size / the global count, and the average is the global token mean.
+            local = float(mask[order[start : start + mini_batch_size].to(mask.device)].sum())
+            scale = opt.parallel.world_size / opt.parallel.sum(local)
             opt.optimizer.zero_grad(set_to_none=True)
             finite = True
             for i, idx in enumerate(batches):
@@ -74,7 +77,7 @@ def run_epochs(
                     loss, mb_stats = loss_fn(out, idx)
                     # Each micro-batch's token mean, weighted by its share of the mini-batch's tokens: the sum is
                     # the mini-batch's token mean, so any gradient_accumulation_steps gives the same gradient.
-                    loss = loss * (mask[idx].sum() / tokens)
+                    loss = loss * (mask[idx].sum() * scale)
                     # Decided together before any backward: DDP's all-reduce in the last backward needs every rank.
                     finite = opt.parallel.all_true(bool(torch.isfinite(loss)))
                     if not finite:
@@ -100,6 +103,7 @@ def run_epochs(
     timer.add("train", t)
     result = {k: (sum(v) / len(v) if v else math.nan) for k, v in stats.items()}
     result.update({f"first_{k}": (sum(v) / len(v) if v else math.nan) for k, v in first.items()})
+    result = opt.parallel.means(result)  # every rank's mini-batches, not rank 0's alone
     result["skipped_minibatches"] = skipped
     result["applied_minibatches"] = applied
     return result

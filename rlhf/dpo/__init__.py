@@ -1,0 +1,2 @@
+"""`rlhf dpo`: direct preference optimisation on the merged model (step.py: the command; trainer.py: the loop;
+loss.py: the maths; data.py: the pairs)."""

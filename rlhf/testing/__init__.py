@@ -1,0 +1,1 @@
+"""Tools for the test suite that also help a user debugging on a machine without a GPU."""
