@@ -198,7 +198,6 @@ def test_budget_sizes_sft_pairs_by_their_longest_not_the_block(fixture_paths, ca
     from rlhf import budget, modeling
     from rlhf.budget.lengths import scan
     from rlhf.config import load_recipe
-
     from rlhf.resolve import resolve_model
 
     recipe = load_recipe("arithmetic")
