@@ -31,7 +31,9 @@ def sft_lengths(examples, block_size: int, source: str) -> DataLengths:
 
 
 def scan(recipe: Recipe, step: str) -> tuple[DataLengths | None, str]:
-    """(lengths, note) for `rlhf budget`: the data's lengths where it can be read here, else None and why not."""
+    """(lengths, note): the data's lengths where it can be read here, else None and why not."""
+    if step in ("ppo", "grpo"):
+        return scan_prompts(recipe, step)
     if step != "sft" or not _may_be_task_data(recipe):
         return None, ""
     try:
@@ -69,3 +71,43 @@ def _may_be_task_data(recipe: Recipe) -> bool:
     if recipe.data.format != "auto":
         return recipe.data.format != "text"
     return is_fixture(recipe.data.dataset) or Path(recipe.data.dataset).expanduser().exists()
+
+
+def scan_prompts(recipe: Recipe, step: str) -> tuple[DataLengths | None, str]:
+    """The longest RL prompt of a prompt dataset (`<step>.dataset`, or the run's data when it has the prompt column),
+    tokenized as the step tokenizes it (chat template and all) and within `<step>.max_prompt_tokens` (longer ones are
+    left out of training). None for document-prefix prompts, which `prompt_max_tokens` bounds exactly."""
+    cfg = getattr(recipe, step)
+    if cfg.dataset is None and not _may_be_task_data(recipe):
+        return None, ""
+    limit = f"{step}.max_prompt_tokens" if cfg.max_prompt_tokens else f"{step}.prompt_max_tokens"
+    try:
+        from rlhf import modeling
+        from rlhf.config import DataConfig
+        from rlhf.data import load_splits
+        from rlhf.resolve import resolve_tokenizer
+        from rlhf.rl.prompts import DatasetPrompts
+
+        source = recipe.data if cfg.dataset is None else DataConfig(dataset=cfg.dataset, config_name=cfg.config_name)
+        splits = load_splits(source)
+        train_split = source.train_split if cfg.dataset is None else cfg.train_split
+        eval_split = source.eval_split if cfg.dataset is None else cfg.eval_split
+        if train_split not in splits or cfg.prompt_column not in splits[train_split].column_names:
+            return None, ""  # document prefixes, or a mistake the step itself reports in full
+        tokenizer = modeling.load_tokenizer(
+            resolve_tokenizer(recipe.model.name, recipe.model.revision), recipe.model.trust_remote_code
+        )
+        rows = splits[train_split].select(range(min(SCAN_ROWS, len(splits[train_split])))).to_list()
+        if eval_split in splits:
+            rows += splits[eval_split].select(range(min(cfg.eval_prompts, len(splits[eval_split])))).to_list()
+        model, where = recipe.model, f"dataset '{source.dataset}'"
+        prompts = DatasetPrompts(
+            rows, cfg.prompt_column, tokenizer, cfg.max_prompt_tokens, 0, model.chat_template, model.name, where
+        )
+        if not len(prompts):
+            return None, ""
+        longest = max(map(len, prompts.tokens))
+        return DataLengths(prompt_tokens=longest, source=f"the longest of {len(rows)} prompts"), ""
+    except Exception as exc:  # planning without the data: the recipe's limit, said so
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"prompts sized by {limit}: the prompt data could not be scanned here ({reason})"

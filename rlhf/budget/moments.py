@@ -201,27 +201,40 @@ def dpo_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[di
     return moments, settings, notes
 
 
-def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
+def ppo_moments(
+    recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any], lengths: DataLengths | None = None
+) -> tuple[dict, str, list]:
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf ppo`, moment by moment as a PPO step runs;
     `spec` is the reward model's (`peak.load_reward_spec`)."""
-    return rl_moments(recipe, "ppo", shape, device_kind, spec)
+    return rl_moments(recipe, "ppo", shape, device_kind, spec, lengths)
 
 
-def grpo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
+def grpo_moments(
+    recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any], lengths: DataLengths | None = None
+) -> tuple[dict, str, list]:
     """The moments of `rlhf grpo`: PPO's passes without the value head (neither its weights nor the hidden states it
     reads), over batch_size x group_size sequences a step, generated and scored rollout_batch_size at a time."""
-    return rl_moments(recipe, "grpo", shape, device_kind, spec)
+    return rl_moments(recipe, "grpo", shape, device_kind, spec, lengths)
 
 
 def rl_moments(
-    recipe: Recipe, step: str, shape: ModelShape, device_kind: str, spec: dict[str, Any]
-) -> tuple[dict, str, list]:
+    recipe: Recipe, step: str, shape: ModelShape, device_kind: str, spec: dict[str, Any],
+    lengths: DataLengths | None = None,
+) -> tuple[dict, str, list]:  # fmt: skip
     """The moments of an RL step after merge (`step`: ppo, or grpo without a value head)."""
     cfg = getattr(recipe, step)
     gen = cfg.generation
     s = _lora_setup(recipe, shape, step, device_kind)
     d, V, h = s.d, shape.vocab, shape.hidden
-    prompt, response = cfg.prompt_max_tokens, gen.max_new_tokens
+    # Prompts: the data's longest where measured; else a prompt dataset's max_prompt_tokens, or the document prefixes'
+    # prompt_max_tokens.
+    if lengths and lengths.prompt_tokens:
+        prompt = lengths.prompt_tokens
+    elif cfg.dataset is not None and cfg.max_prompt_tokens:
+        prompt = cfg.max_prompt_tokens
+    else:
+        prompt = cfg.prompt_max_tokens
+    response = gen.max_new_tokens
     seq = prompt + response
     sequences = cfg.batch_size * getattr(cfg, "group_size", 1)
     rollout = min(cfg.rollout_batch_size, sequences)
@@ -315,7 +328,8 @@ def rl_moments(
     groups = f" of {cfg.batch_size} prompts x {cfg.group_size} samples" if step == "grpo" else ""
     settings = (
         f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
-        f"rollout {rollout} x ({prompt} + {response}) tokens{groups}; micro-batch {micro} "
+        f"rollout {rollout} x ({prompt} + {response}) tokens{groups}"
+        f"{f' (prompts: {lengths.source})' if lengths and lengths.prompt_tokens else ''}; micro-batch {micro} "
         f"(mini-batch {cfg.mini_batch_size}); "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
     )

@@ -201,7 +201,7 @@ def estimate(
             spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name)
             spec = reward_spec = with_recipe(spec, recipe, shape)
             moments_of = grpo_moments if step == "grpo" else ppo_moments
-            raw, settings, notes = moments_of(recipe, shape, device_kind, spec)
+            raw, settings, notes = moments_of(recipe, shape, device_kind, spec, lengths)
             static = ("weights", "lora", "optimizer", "value_head", "reward_model")
         peak, moments, context = _finish(raw, static, device_kind)
     return Estimate(
