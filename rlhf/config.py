@@ -374,6 +374,11 @@ class DpoConfig(Section):
     max_prompt_length: int | None = Field(
         None, ge=1, description="keep only the last N tokens of a longer prompt (None: the whole prompt)"
     )
+    add_eos: bool = Field(
+        True,
+        description="end each answer with EOS, as TRL does (the model learns where answers end); false for answers "
+        "that are fragments cut anywhere, where an EOS would teach endings the data does not mean",
+    )
     loss_type: Literal["sigmoid", "ipo", "robust"] = Field(
         "sigmoid",
         description="sigmoid: DPO, -log sigmoid(beta x margin) (with label_smoothing: conservative DPO); ipo: "

@@ -24,6 +24,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cuda-rules",
+        action="store_true",
+        help="run every test under rlhf.testing.cuda_rules: raise where CUDA would refuse what the CPU runs",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cuda_rules_everywhere(request):
+    """With --cuda-rules, the whole session (shared runs included) under CUDA's dtype rules."""
+    if not request.config.getoption("--cuda-rules"):
+        yield
+        return
+    from rlhf.testing.cuda_rules import cuda_rules
+
+    with cuda_rules():
+        yield
+
+
 def cli(*args: str) -> int:
     """Run `rlhf ARGS` in this process (no interpreter start-up, no torch re-import) and return its exit code."""
     from rlhf.cli import main

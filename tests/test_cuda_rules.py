@@ -10,9 +10,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rlhf.testing.cuda_rules import CudaRuleError, cuda_rules
+from rlhf.testing.cuda_rules import CudaRuleError, cuda_rules, paused
 
 HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def cpu_alone():
+    """These tests show what the CPU accepts without the rules: under `pytest --cuda-rules` they are paused here and
+    each test's own `cuda_rules()` applies."""
+    with paused():
+        yield
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -131,8 +139,23 @@ def test_a_decoder_layer_that_changes_the_activation_dtype_raises():
 def test_the_mode_leaves_nothing_behind():
     from rlhf.testing import cuda_rules as rules
 
+    before = list(rules._autocast_norms)  # a session under `pytest --cuda-rules` holds one registration
     with cuda_rules(), cuda_rules():
         pass
-    assert not rules._autocast_norms
+    assert rules._autocast_norms == before
     Model()(torch.randn(2, 8, dtype=torch.float16))  # no hook left to raise
     nn.LayerNorm(8)(torch.randn(2, 8, dtype=torch.float16))
+
+
+def test_paused_rules_and_rules_again_inside():
+    """`pytest --cuda-rules` runs the session under the rules; a pause lets a test show the CPU alone, and a
+    `cuda_rules()` inside a pause applies again."""
+    norm, x = nn.LayerNorm(8), torch.randn(2, 8, dtype=torch.float16)
+    with cuda_rules():
+        with paused():
+            norm(x)
+            with cuda_rules(), pytest.raises(CudaRuleError):
+                norm(x)
+            norm(x)
+        with pytest.raises(CudaRuleError):
+            norm(x)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from rlhf.dpo.data import PreferencePairs
 from rlhf.dpo.loss import dpo_losses, kl_proxy, reward_stats
+from rlhf.errors import UserError
 from rlhf.io import read_jsonl
 
 # A short run that learns, judged on a few held-out prompts: PPO's eval keys in eval.json.
@@ -80,6 +81,29 @@ def test_dpo_loss_and_implicit_rewards_by_hand():
     # the KL proxy: sum over answer tokens of (log pi - log ref)^2 / 2, padding left out
     lp, ref, mask = torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-2.0, -2.0, -1.0]]), torch.tensor([[1, 1, 0]])
     assert kl_proxy(lp, ref, mask).tolist() == [0.5]
+
+
+def test_pairs_are_prompt_then_answers(fixture_paths, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlhf.config import DpoConfig
+    from rlhf.dpo.data import load_pairs
+
+    tok = AutoTokenizer.from_pretrained(fixture_paths.policy)
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "So I saw it", "chosen": " twice. What a delight", "rejected": " once. Dull"}] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held_out, prefs = load_pairs(DpoConfig(dataset=str(data), eval_pairs=1), tok)
+    prompt = tok("So I saw it", add_special_tokens=False)["input_ids"]
+    assert (len(train), len(held_out)) == (3, 1) and "explicit" in prefs.form
+    assert train.prompt_lengths[0] == len(prompt) and train.chosen[0][: len(prompt)] == prompt
+    assert train.chosen[0][-1] == train.rejected[0][-1] == tok.eos_token_id  # TRL's EOS after each answer
+    no_eos, _, _ = load_pairs(DpoConfig(dataset=str(data), eval_pairs=1, add_eos=False), tok)
+    assert no_eos.chosen[0] == train.chosen[0][:-1]
+    cut, _, _ = load_pairs(DpoConfig(dataset=str(data), eval_pairs=1, max_prompt_length=2), tok)
+    assert cut.prompt_lengths[0] == 2 and cut.chosen[0] == train.chosen[0][len(prompt) - 2 :]  # the prompt's end
+    with pytest.raises(UserError, match=r"no training pair fits dpo.max_length=\d+ tokens a side \(3 left out\)"):
+        load_pairs(DpoConfig(dataset=str(data), eval_pairs=1, max_length=len(train.chosen[0]) - 1), tok)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 The recipes users run are fp16 (gpt-neox-20b) and bf16 (llama-3.1-8b, qwen2.5-14b). Every command here runs inside
 `rlhf.testing.cuda_rules`, which raises where a CUDA kernel would refuse a call the CPU accepts (mixed-dtype
 LayerNorm, a norm handing fp32 hidden states to half-precision weights), so a pass here is a pass a GPU would give.
-Each axis is covered, not the cross product: five chains (sft + merge each, 1-2 steps) share their runs.
+Each axis is covered, not the cross product: six chains (sft + merge each, 1-2 steps) share their runs.
 
 chain          family            dtype     quantization  after merge                      recipe it stands for
 neox-fp16      GPT-NeoX fixture  float16   8bit          reward, ppo on it; grpo          gpt-neox-20b
@@ -11,6 +11,7 @@ neox-bf16      GPT-NeoX fixture  bfloat16  none          grpo
 llama-bf16     Llama, untied     bfloat16  8bit          reward, ppo on it; grpo          llama-3.1-8b
 llama-tied     Llama, tied       float16   none          ppo, grpo
 qwen2-bf16     Qwen2, untied     bfloat16  8bit          ppo                              qwen2.5-14b
+qwen2-nf4      Qwen2, untied     bfloat16  4bit          grpo                             qwen2.5-32b
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CHAINS = {
     "llama-bf16": ("llama", "bfloat16", "8bit", ("reward", "grpo")),
     "llama-tied": ("llama-tied", "float16", "none", ("ppo", "grpo")),
     "qwen2-bf16": ("qwen2", "bfloat16", "8bit", ("ppo",)),
+    "qwen2-nf4": ("qwen2", "bfloat16", "4bit", ("grpo",)),
 }
 STEPS = [(chain, step) for chain, (*_, steps) in CHAINS.items() for step in steps]
 
@@ -67,15 +69,15 @@ def rules_cli(*args) -> int:
 
 
 def test_recipes_are_covered():
-    """Each shipped recipe's dtype and model family is one chain's."""
-    covered = {(family.split("-")[0], dtype) for family, dtype, _, _ in CHAINS.values()}
+    """Each shipped recipe's model family, dtype and quantization is one chain's."""
+    covered = {(family.split("-")[0], dtype, quantization) for family, dtype, quantization, _ in CHAINS.values()}
     for path in RECIPES.glob("*.yaml"):
         model = yaml.safe_load(path.read_text())["model"]
         if model["dtype"] == "float32":
             continue  # the quickstart's and memorize's: every other test runs them
         family = json.loads((Path(__file__).parent.parent / "rlhf/model_configs" / model["name"] / "config.json")
                             .read_text())["model_type"]  # fmt: skip
-        assert (family, model["dtype"]) in covered, path.name
+        assert (family, model["dtype"], model["quantization"]) in covered, path.name
 
 
 @pytest.fixture(scope="session")

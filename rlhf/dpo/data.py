@@ -1,5 +1,6 @@
 """Preference pairs for DPO: read by `rlhf.preferences` (TRL's explicit and implicit forms, chat messages rendered,
-the held-out pairs), tokenized as TRL's DPOTrainer tokenizes them, each answer ending with EOS as TRL adds it.
+the held-out pairs), tokenized as TRL's DPOTrainer tokenizes them, each answer ending with EOS as TRL adds it (unless
+dpo.add_eos is false).
 
 The answers' log-probs are summed after the prompt: `prompt_lengths` says where each pair's answers begin.
 """
@@ -15,7 +16,7 @@ from rlhf.preferences import Pair, Preferences, encode, load_preferences
 
 @dataclass
 class PreferencePairs:
-    chosen: list[list[int]]  # token ids of prompt + chosen answer + EOS
+    chosen: list[list[int]]  # token ids of prompt + chosen answer (+ EOS: dpo.add_eos)
     rejected: list[list[int]]
     prompt_lengths: list[int]  # tokens of each pair's prompt: the answers' log-probs are summed after it
     source: str
@@ -27,7 +28,7 @@ class PreferencePairs:
 
 def _tokenize(pairs: list[Pair], cfg: DpoConfig, tokenizer, source: str) -> PreferencePairs:
     enc = encode(pairs, tokenizer)
-    eos = [tokenizer.eos_token_id]
+    eos = [tokenizer.eos_token_id] if cfg.add_eos else []
     out = PreferencePairs([], [], [], source)
     for prompt, chosen, rejected in zip(enc.prompt_ids, enc.chosen_ids, enc.rejected_ids):
         if cfg.max_prompt_length is not None:

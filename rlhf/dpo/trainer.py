@@ -189,7 +189,7 @@ class DpoTrainer:
             kept = f"the last checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved yet"
             raise NonFiniteLoss(
                 f"DPO's loss or gradient is not finite at step {self.step + 1} ({kept}); lower dpo.learning_rate, "
-                f"or check that LayerNorms stay fp32"
+                f"or with model.dtype=float16 try bfloat16 (fp16 overflow)"
             )
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:

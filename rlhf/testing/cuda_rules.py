@@ -36,6 +36,9 @@ class CudaRuleError(RuntimeError):
     """A call the CPU accepted but CUDA would refuse (or a dtype change the budget does not count)."""
 
 
+_paused = [0]  # > 0: the rules look away (`paused`), e.g. while a test shows what the CPU alone accepts
+
+
 # op -> positions of (the input, then the parameters that must share its dtype)
 _NORMS = {
     aten.native_layer_norm.default: (0, (2, 3)),
@@ -63,7 +66,7 @@ _autocast_norms: list = []  # [library, users]: one registration however deeply 
 
 
 def _fp32(t):
-    return t.float() if _floating(t) else t
+    return t.float() if _floating(t) and not _paused[0] else t
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
@@ -104,7 +107,9 @@ def _floating(value) -> bool:
 class _DispatchRules(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _NORMS:
+        if _paused[0]:
+            pass
+        elif func in _NORMS:
             where, params = _NORMS[func]
             x = args[where]
             for i in params:
@@ -162,7 +167,7 @@ class _LayerRules:
 
     def _check(self, module: nn.Module, args, kwargs, output) -> None:
         name = type(module).__name__
-        if name not in self.blocks and not _is_norm(module):
+        if _paused[0] or (name not in self.blocks and not _is_norm(module)):
             return
         hidden = kwargs.get("hidden_states")
         x = hidden if _floating(hidden) else _first_floating((*args, *kwargs.values()))
@@ -177,7 +182,22 @@ class _LayerRules:
 
 
 @contextmanager
-def cuda_rules() -> Iterator[None]:
-    """Raise CudaRuleError wherever CUDA would refuse what the CPU runs (see the module docstring)."""
-    with _LayerRules(), cuda_autocast_norms(), _DispatchRules():
+def paused() -> Iterator[None]:
+    """The rules of the enclosing `cuda_rules()` off (autocast's fp32 norms too) until a new `cuda_rules()`."""
+    _paused[0] += 1
+    try:
         yield
+    finally:
+        _paused[0] -= 1
+
+
+@contextmanager
+def cuda_rules() -> Iterator[None]:
+    """Raise CudaRuleError wherever CUDA would refuse what the CPU runs (see the module docstring); in force inside
+    a `paused()` too."""
+    outer, _paused[0] = _paused[0], 0
+    try:
+        with _LayerRules(), cuda_autocast_norms(), _DispatchRules():
+            yield
+    finally:
+        _paused[0] = outer
