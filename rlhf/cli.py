@@ -213,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/quickstart-<time>)")
     p.add_argument(
         "--algo",
-        default="ppo",
         choices=["ppo", "grpo", "dpo"],
-        help="step 3: ppo (value head), grpo (critic-free) or dpo (preference pairs, no reward model in the loop)",
+        help="step 3: ppo (value head), grpo (critic-free) or dpo (preference pairs, no reward model in the loop); "
+        "default ppo, with --task grpo",
     )
     p.add_argument("--force", action="store_true", help="reuse a run directory that holds a quickstart run")
     p.add_argument(
@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn the reward from preference pairs first (rlhf reward), then PPO on it; the sentiment classifier "
         "only judges the positive rate",
+    )
+    p.add_argument(
+        "--task",
+        choices=["arithmetic"],
+        help="a task instead of the sentiment demo: arithmetic (sums in words; SFT on prompt/completion, then RL on a "
+        "reward that checks the answer, held-out accuracy before and after)",
     )
 
     p = sub.add_parser("report", help="write RUN/report.md and its plots for a run")
@@ -312,7 +318,9 @@ def cmd_sft(args) -> int:
 
     recipe = resolve_recipe(args)
     if args.auto_fit:
-        recipe = budget.auto_fit(recipe, "sft", args.gpu)
+        from rlhf.budget.lengths import scan
+
+        recipe = budget.auto_fit(recipe, "sft", args.gpu, lengths=scan(recipe, "sft")[0])
     if not args.run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("with several processes (accelerate launch), pass --run DIR so that all of them use one run")
     run = Run(Path(args.run)) if args.run else new_run_dir(recipe)
@@ -542,7 +550,7 @@ def cmd_preview(args) -> int:
 def cmd_quickstart(args) -> int:
     from rlhf import quickstart
 
-    return quickstart.main(args.run, force=args.force, algo=args.algo, reward_model=args.reward_model)
+    return quickstart.main(args.run, force=args.force, algo=args.algo, reward_model=args.reward_model, task=args.task)
 
 
 def cmd_report(args) -> int:

@@ -39,7 +39,30 @@ STEP_BANNER = {
 }
 
 
-def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", reward_model: bool = False) -> int:
+TASKS = ("arithmetic",)
+TASK_FLOW = """\
+The same flow on your own task (a prompt/completion dataset with the column your reward checks; README, "Your own
+task"):
+  rlhf sft --recipe my-task.yaml
+  rlhf merge
+  rlhf {algo} --reward my-reward.yaml"""
+
+
+def main(
+    run_dir: str | None = None,
+    force: bool = False,
+    algo: str | None = None,
+    reward_model: bool = False,
+    task: str | None = None,
+) -> int:
+    if task is not None:
+        if reward_model or algo == "dpo":
+            raise UserError(
+                "--reward-model and --algo dpo belong to the sentiment quickstart; --task runs grpo or ppo on the "
+                "task's own reward"
+            )
+        return main_task(task, run_dir, force, algo or "grpo")
+    algo = algo or "ppo"
     from rlhf import merge, report, sft
     from rlhf.dpo import step as dpo
     from rlhf.fixtures import ensure_fixtures
@@ -131,4 +154,65 @@ def main(run_dir: str | None = None, force: bool = False, algo: str = "ppo", rew
     print(f"  report:    {report_path}")
     step = "rlhf dpo --dataset Anthropic/hh-rlhf" if algo == "dpo" else f"rlhf {algo} --reward imdb-sentiment"
     print(REAL_FLOW.format(step=step))
+    return 0
+
+
+def main_task(task: str, run_dir: str | None, force: bool, algo: str) -> int:
+    """`rlhf quickstart --task arithmetic`: SFT on the task's prompt/completion pairs (loss on the completion), merge,
+    then GRPO (or PPO) on a reward that checks each completion against its row's answer, and the held-out accuracy
+    before and after."""
+    from rlhf import merge, report, sft
+    from rlhf.fixtures import resolve_fixture
+    from rlhf.grpo import step as grpo
+    from rlhf.ppo import step as ppo
+
+    if task not in TASKS:
+        raise UserError(f"no task '{task}'; the offline tasks are: {', '.join(TASKS)}")
+    started = time.time()
+    recipe = load_recipe(task)
+    run = Run(Path(run_dir)) if run_dir else new_run_dir(recipe)
+    if run.recipe_path.exists() and not force:
+        raise UserError(f"{run.root} already holds a run; pass another --run, or --force to redo the quickstart in it")
+    timings: dict[str, float] = {}
+
+    _banner("1/5 offline fixtures: sums in words (prompt, completion, answer), a tiny GPT-NeoX that has seen equations")
+    t = time.time()
+    data, policy = resolve_fixture(recipe.data.dataset), resolve_fixture(recipe.model.name)
+    timings["fixtures"] = time.time() - t
+    print(f"fixtures ready in {timings['fixtures']:.0f}s: {data}, {policy}", file=sys.stderr)
+
+    _banner(f"2/5 rlhf sft --recipe {task} (prompt/completion pairs, the loss on the completion only)")
+    t = time.time()
+    sft.run(recipe, run, force=force)
+    timings["sft"] = time.time() - t
+
+    _banner("3/5 rlhf merge (fp16, streamed shard by shard, self-checked)")
+    t = time.time()
+    merge.run(str(run.root), force=force)
+    timings["merge"] = time.time() - t
+
+    _banner(
+        f"4/5 rlhf {algo} --reward {recipe.reward.name} (1.0 when the completion's first number is the row's answer)"
+    )
+    t = time.time()
+    result = {"ppo": ppo, "grpo": grpo}[algo].run(recipe, run, reward=recipe.reward.name, force=force)
+    timings[algo] = time.time() - t
+
+    _banner("5/5 report")
+    t = time.time()
+    report_path = report.write_report(run, timings)
+    timings["report"] = time.time() - t
+    total = time.time() - started
+
+    ev = result.eval or {}
+    print(f"\nquickstart done in {total:.0f}s wall ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    if "accuracy_before" in ev:
+        print(
+            f"  held-out accuracy  {ev['accuracy_before']:.2f} -> {ev['accuracy_after']:.2f} sampled, "
+            f"{ev['accuracy_greedy_before']:.2f} -> {ev['accuracy_greedy_after']:.2f} greedy "
+            f"({ev['n_prompts']} test prompts, never trained on)"
+        )
+    print(f"  artifacts: {run.root}/ (sft/adapter, merged/, {algo}/adapter, {algo}/eval.json)")
+    print(f"  report:    {report_path}")
+    print(TASK_FLOW.format(algo=algo))
     return 0

@@ -86,6 +86,17 @@ def resolve_model(name: str, revision: str | None = None, what: str = "model") -
     return _download(name, revision, "model", MODEL_PATTERNS)
 
 
+TOKENIZER_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def resolve_tokenizer(name: str, revision: str | None = None) -> Path:
+    """A directory holding the model's tokenizer: the model's own for a fixture or a local directory; for a hub id,
+    its tokenizer files alone, so that data can be measured before gigabytes of weights are fetched."""
+    if is_fixture(name) or Path(name).expanduser().exists() or not looks_like_hub_id(name):
+        return resolve_model(name, revision)
+    return _download(name, revision, "model", TOKENIZER_PATTERNS)
+
+
 def check_weights(path: Path, name: str, what: str = "model") -> None:
     """A local model directory must hold safetensors weights: pickled *.bin files are never loaded (they can run
     code), and a directory with a config alone is no model."""

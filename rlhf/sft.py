@@ -23,7 +23,7 @@ from rlhf.config import Recipe
 from rlhf.data import load_sft_data, tokenize_blocks, tokenize_examples
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, trim_jsonl
-from rlhf.resolve import check_weights, resolve_model
+from rlhf.resolve import check_weights, resolve_model, resolve_tokenizer
 from rlhf.runs import Run, mark_latest
 
 
@@ -223,10 +223,27 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
 
     if Path(recipe.model.name).expanduser().exists():  # a local model that is no model is said as such, not sized
         check_weights(resolve_model(recipe.model.name, recipe.model.revision), recipe.model.name)
-    # Memory-budget pre-flight: before anything heavy is loaded. One process prints it under `accelerate launch`.
-    from rlhf import budget
 
-    budget.preflight(recipe, "sft", gpu=gpu, force=force, out=sys.stdout if is_main_process() else io.StringIO())
+    # --- setup: data (the tokenizer alone, not the weights: the budget sizes pairs by their lengths) ---
+    tokenizer = modeling.load_tokenizer(
+        resolve_tokenizer(recipe.model.name, recipe.model.revision),
+        recipe.model.trust_remote_code,
+        recipe.model.chat_template,
+    )
+    data = load_sft_data(recipe.data, recipe.data.train_split)
+    from rlhf import budget
+    from rlhf.budget.lengths import sft_lengths
+
+    lengths = None
+    if data.format == "text":
+        blocks = tokenize_blocks(data.rows, tokenizer, recipe.sft.block_size, recipe.sft.pack)
+    else:
+        blocks = tokenize_examples(data, tokenizer, recipe.sft.block_size)
+        lengths = sft_lengths(blocks, recipe.sft.block_size, f"the longest of the {len(blocks)} examples")
+
+    # Memory-budget pre-flight: before the model is loaded. One process prints it under `accelerate launch`.
+    out = sys.stdout if is_main_process() else io.StringIO()
+    budget.preflight(recipe, "sft", gpu=gpu, force=force, out=out, lengths=lengths)
 
     # --- setup: model ---
     # Seed before the adapter exists: peft draws LoRA A from the global RNG before Trainer seeds anything.
@@ -234,12 +251,6 @@ def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu
 
     set_seed(recipe.sft.seed)
     model_dir = resolve_model(recipe.model.name, recipe.model.revision)
-    tokenizer = modeling.load_tokenizer(model_dir, recipe.model.trust_remote_code, recipe.model.chat_template)
-    data = load_sft_data(recipe.data, recipe.data.train_split)
-    if data.format == "text":
-        blocks = tokenize_blocks(data.rows, tokenizer, recipe.sft.block_size, recipe.sft.pack)
-    else:
-        blocks = tokenize_examples(data, tokenizer, recipe.sft.block_size)
     base = modeling.load_base(recipe.model, model_dir)
     modeling.prepare_for_training(base, recipe.sft.gradient_checkpointing)
     model = modeling.add_lora(base, recipe.lora)

@@ -92,3 +92,11 @@ def quickstart_run(tmp_path_factory, fixture_paths) -> Path:
     run = tmp_path_factory.mktemp("shared") / "quickstart"
     assert cli("quickstart", "--run", run) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def arithmetic_run(tmp_path_factory, fixture_paths) -> Path:
+    """One `rlhf quickstart --task arithmetic` run (sft on pairs, merge, grpo, eval, report), shared by its tests."""
+    run = tmp_path_factory.mktemp("shared") / "arithmetic"
+    assert cli("quickstart", "--task", "arithmetic", "--run", run) == 0
+    return run

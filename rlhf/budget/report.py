@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rlhf.budget.device import ram_device, resolve_device
 from rlhf.budget.fit import suggest
+from rlhf.budget.lengths import DataLengths, scan
 from rlhf.budget.peak import COMPONENTS, STEPS, Estimate, estimate
 from rlhf.config import Recipe
 from rlhf.errors import DoesNotFit
@@ -148,9 +149,12 @@ def main(recipe: Recipe, step: str, gpu: str | None, as_json: bool) -> int:
     estimates = []
     for name in steps:
         device = ram_device() if name == "merge" else resolve_device(gpu, recipe)
-        estimates.append(
-            estimate(recipe, name, device.bytes, device_kind=device.kind, device_description=device.description)
+        lengths, note = scan(recipe, name)
+        est = estimate(
+            recipe, name, device.bytes, device_kind=device.kind, device_description=device.description, lengths=lengths
         )
+        est.notes += [note] if note else []
+        estimates.append(est)
     if as_json:
         data = [to_json(e) for e in estimates]
         print(json.dumps(data if step == "all" else data[0], indent=2))
@@ -160,12 +164,25 @@ def main(recipe: Recipe, step: str, gpu: str | None, as_json: bool) -> int:
 
 
 def preflight(
-    recipe: Recipe, step: str, gpu: str | None, force: bool, out=sys.stdout, disk_path: Path | str | None = None
+    recipe: Recipe,
+    step: str,
+    gpu: str | None,
+    force: bool,
+    out=sys.stdout,
+    disk_path: Path | str | None = None,
+    lengths: DataLengths | None = None,
 ) -> Estimate:
-    """Print the budget for `step`; raise DoesNotFit when it will not fit, unless `force` (then warn and go on)."""
+    """Print the budget for `step`; raise DoesNotFit when it will not fit, unless `force` (then warn and go on).
+    `lengths`: what the step measured on the data it loaded (`budget.lengths`)."""
     device = ram_device() if step == "merge" else resolve_device(gpu, recipe)
     est = estimate(
-        recipe, step, device.bytes, device_kind=device.kind, device_description=device.description, disk_path=disk_path
+        recipe,
+        step,
+        device.bytes,
+        device_kind=device.kind,
+        device_description=device.description,
+        disk_path=disk_path,
+        lengths=lengths,
     )
     report = render_table(est)
     print(report, file=out, flush=True)

@@ -101,7 +101,15 @@ def execute(
     load_spec(reward_name)  # an unknown reward fails now, before anything heavy is loaded
     if getattr(recipe, step).optimizer == "adam_8bit":
         modeling.require_bitsandbytes(f"{step}.optimizer=adam_8bit", f"{step}.optimizer=adam")
-    budget.preflight(recipe, step, gpu=gpu, force=force, out=sys.stdout if main else io.StringIO())
+    # Prompts from a dataset are sized by the longest of them (tokenized as the step will), not by the document
+    # prefixes' prompt_max_tokens.
+    from rlhf.budget.lengths import scan_prompts
+
+    lengths, note = scan_prompts(recipe, step)
+    out = sys.stdout if main else io.StringIO()
+    if note:
+        print(f"{step}: {note}", file=out)
+    budget.preflight(recipe, step, gpu=gpu, force=force, out=out, lengths=lengths)
     restart = resume and not checkpoint.saved_steps(directory / "checkpoints")
     if restart:  # killed before its first checkpoint: there is nothing to continue from but the start
         resume = False
