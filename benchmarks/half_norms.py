@@ -178,6 +178,7 @@ def measure(args, candidate: str, reference) -> dict:
         return row
     logprobs = score(model, ids, candidate, dtype)
     row["logprob_max_diff_vs_fp32"] = float((logprobs.float() - reference).abs().max())
+    row["logprob_mean_diff_vs_fp32"] = float((logprobs.float() - reference).abs().mean())
     row["logprobs_finite"] = bool(torch.isfinite(logprobs).all())
     row["memory_score"] = peak_bytes(lambda: score(model, ids, candidate, dtype))
     row["memory_train"] = peak_bytes(lambda: train_step(model, ids, candidate, dtype))

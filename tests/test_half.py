@@ -1,4 +1,4 @@
-"""Half precision end to end under CUDA's dtype rules: sft -> merge -> reward, ppo, grpo in fp16 and bf16.
+"""Half precision end to end under CUDA's dtype rules: sft -> merge -> reward, ppo, grpo, dpo in fp16 and bf16.
 
 The recipes users run are fp16 (gpt-neox-20b) and bf16 (llama-3.1-8b, qwen2.5-14b). Every command here runs inside
 `rlhf.testing.cuda_rules`, which raises where a CUDA kernel would refuse a call the CPU accepts (mixed-dtype
@@ -6,7 +6,7 @@ LayerNorm, a norm handing fp32 hidden states to half-precision weights), so a pa
 Each axis is covered, not the cross product: six chains (sft + merge each, 1-2 steps) share their runs.
 
 chain          family            dtype     quantization  after merge                      recipe it stands for
-neox-fp16      GPT-NeoX fixture  float16   8bit          reward, ppo on it; grpo          gpt-neox-20b
+neox-fp16      GPT-NeoX fixture  float16   8bit          reward, ppo on it; grpo; dpo     gpt-neox-20b
 neox-bf16      GPT-NeoX fixture  bfloat16  none          grpo
 llama-bf16     Llama, untied     bfloat16  8bit          reward, ppo on it; grpo          llama-3.1-8b
 llama-tied     Llama, tied       float16   none          ppo, grpo
@@ -32,7 +32,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 # chain: (family, dtype, quantization, steps after merge)
 CHAINS = {
-    "neox-fp16": ("gpt_neox", "float16", "8bit", ("reward", "grpo")),
+    "neox-fp16": ("gpt_neox", "float16", "8bit", ("reward", "grpo", "dpo")),
     "neox-bf16": ("gpt_neox", "bfloat16", "none", ("grpo",)),
     "llama-bf16": ("llama", "bfloat16", "8bit", ("reward", "grpo")),
     "llama-tied": ("llama-tied", "float16", "none", ("ppo", "grpo")),
@@ -51,8 +51,9 @@ SMALL = [
     "grpo.batch_size=1", "grpo.group_size=2", "grpo.mini_batch_size=2", "grpo.rollout_batch_size=2", "grpo.epochs=1",
     "grpo.max_steps=1", "grpo.eval_prompts=2", "grpo.generation.min_new_tokens=2", "grpo.generation.max_new_tokens=4",
     "reward_model.max_steps=2", "reward_model.batch_size=2", "reward_model.eval_pairs=4",
+    "dpo.max_steps=1", "dpo.batch_size=2", "dpo.eval_pairs=4",
     "lora.target_modules=auto", "ppo.lora.target_modules=auto", "grpo.lora.target_modules=auto",
-    "reward_model.lora.target_modules=auto",
+    "reward_model.lora.target_modules=auto", "dpo.lora.target_modules=auto",
 ]  # fmt: skip
 
 LLAMA = {"num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -154,6 +155,12 @@ def test_rl_and_reward_steps(chain, step, merged_chains, tmp_path):
         # PPO scored by the learned reward on the same half-precision weights (the reward adapter switched on).
         assert rules_cli("ppo", "--run", run, "--reward", run / "reward", "--force") == 0
         step = "ppo"
+    elif step == "dpo":
+        assert rules_cli("dpo", "--run", run, "--force") == 0
+        finite(read_jsonl(run / "dpo/metrics.jsonl"), ("loss", "chosen_reward", "rejected_reward", "chosen_nll"))
+        evaluation = json.loads((run / "dpo/eval.json").read_text())
+        assert all(math.isfinite(evaluation[k]) for k in ("loss_after", "reward_after", "kl_after"))
+        return
     else:
         assert rules_cli(step, "--run", run, "--force") == 0
     keys = ("reward_mean", "kl", "policy_loss", "entropy") + (("value_loss",) if step == "ppo" else ("loss",))

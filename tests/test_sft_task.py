@@ -254,3 +254,16 @@ def test_budget_sizes_rl_prompts_by_the_datasets_longest(fixture_paths):
     capped = load_recipe("arithmetic", ["grpo.max_prompt_tokens=30"])  # longer prompts are left out, and not sized
     assert scan(capped, "grpo")[0].prompt_tokens <= 30
     assert scan(load_recipe("quickstart"), "grpo") == (None, "")  # document prefixes: prompt_max_tokens is exact
+
+
+def test_sft_on_conversational_pairs_end_to_end(tmp_path, capsys, fixture_paths):
+    """`rlhf sft` on chat-message pairs through a chat template; without one, one line and exit 2, nothing written."""
+    # ChatML markers are many byte-level pieces to the tiny tokenizer: a longer block than the plain pairs need.
+    chat = ["data.dataset=fixture:arithmetic-chat", "sft.block_size=128", "sft.max_steps=2", "sft.logging_steps=1"]
+    assert cli("sft", "--recipe", "arithmetic", "--run", tmp_path / "bare", *chat) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template; set model.chat_template" in err and "Traceback" not in err
+    assert not (tmp_path / "bare").exists()
+    assert cli("sft", "--recipe", "arithmetic", "--run", tmp_path / "run", *chat, "model.chat_template=chatml") == 0
+    assert "4000 prompt-completion examples" in capsys.readouterr().err
+    assert (tmp_path / "run/sft/adapter/adapter_model.safetensors").is_file()
