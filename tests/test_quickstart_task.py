@@ -10,14 +10,14 @@ from conftest import cli
 from rlhf.io import read_jsonl
 
 # Held-out accuracy (sampled at the step's settings) RL must add. Measured on 256 test prompts, 2026-12-07: GRPO
-# 0.46 -> 0.54 and PPO 0.43 -> 0.51, while the greedy answer's fell (0.77 -> 0.61, 0.55): the issue asks +0.25, which
-# this task and these settings do not reach (docs/benchmarks.md, "The arithmetic task").
-ACCURACY_GAIN = 0.04
+# 0.46 -> 0.75 (the issue's bar: +0.25), PPO 0.43 -> 0.62 (docs/benchmarks.md, "The arithmetic task").
+GRPO_GAIN = 0.25
+PPO_GAIN = 0.1
 
 
 def test_grpo_raises_held_out_accuracy(arithmetic_run):
     ev = json.loads((arithmetic_run / "grpo/eval.json").read_text())
-    assert ev["accuracy_after"] >= ev["accuracy_before"] + ACCURACY_GAIN, ev
+    assert ev["accuracy_after"] >= ev["accuracy_before"] + GRPO_GAIN, ev
     assert 0.2 <= ev["accuracy_before"] <= 0.6, "SFT must leave the model partly right, or the test shows nothing"
     assert ev["accuracy_greedy_before"] > ev["accuracy_before"], (
         "SFT's greedy answer is right more often: room to learn"
@@ -38,4 +38,4 @@ def test_ppo_raises_held_out_accuracy_too(arithmetic_run, copy_run):
     run = copy_run(arithmetic_run)
     assert cli("ppo", "--recipe", "arithmetic", "--run", run, "--reward", "arithmetic") == 0
     ev = json.loads((run / "ppo/eval.json").read_text())
-    assert ev["accuracy_after"] >= ev["accuracy_before"] + ACCURACY_GAIN, ev
+    assert ev["accuracy_after"] >= ev["accuracy_before"] + PPO_GAIN, ev
