@@ -106,11 +106,24 @@ def test_pairs_are_prompt_then_answers(fixture_paths, tmp_path):
         load_pairs(DpoConfig(dataset=str(data), eval_pairs=1, max_length=len(train.chosen[0]) - 1), tok)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """trl's Trainer sets accelerate's process-wide state from its own config, as rlhf's RL steps do from theirs
+    (rlhf.rl.parallel); each refuses a state the other made, so the state is reset around trl's use of it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize(
     "loss_type, smoothing, sft_weight", [("sigmoid", 0.0, 0.0), ("robust", 0.2, 0.0), ("ipo", 0.0, 0.0),
                                          ("sigmoid", 0.0, 0.5)]
 )  # fmt: skip
-def test_loss_rewards_and_gradients_equal_trls(merged_run, tmp_path, loss_type, smoothing, sft_weight):
+def test_loss_rewards_and_gradients_equal_trls(
+    merged_run, tmp_path, fresh_accelerate_state, loss_type, smoothing, sft_weight
+):
     """trl 1.16's DPOTrainer (its own LoRA from peft_config, its reference the disabled adapter) and our pair_terms
     on the same model, the same collated pairs: the same loss, implicit rewards and LoRA gradients."""
     from datasets import Dataset
