@@ -129,6 +129,11 @@ def _check_part(part: RewardSpec, spec: RewardSpec, path: Path) -> None:
             part.callable = f"{(path.parent / module).resolve()}:{func}"
 
 
+# The keyword arguments every reward function gets; a dataset column of one of these names is not passed on (TRL's
+# trainers leave out the columns they pass themselves).
+RESERVED = frozenset({"prompts", "completions", "completion_ids"})
+
+
 @dataclass
 class Samples:
     """What a reward may look at, one entry per sample (a prompt sampled G times appears G times)."""

@@ -39,7 +39,8 @@ def check(completions, prompts, completion_ids, key, tag, **kwargs):
         if isinstance(prompt, list):
             assert isinstance(completion, list) and completion[0]["role"] == "assistant", completion
             completion = completion[0]["content"]
-        assert isinstance(completion, str) and len(ids) > 0, (completion, ids)
+        assert isinstance(completion, str) and completion != "junk", completion
+        assert ids and all(isinstance(i, int) for i in ids), ids
     with open(os.environ["RLHF_TEST_RECORD"], "a") as f:
         rank = int(os.environ.get("RANK", "0"))
         f.write(json.dumps({"rank": rank, "keys": list(key), "chat": isinstance(prompts[0], list)}) + "\\n")
@@ -67,7 +68,8 @@ def _rows(keys, chat=False):
     for k in keys:
         text = f"The order {k}: the film was"
         prompt = [{"role": "system", "content": "Review films."}, {"role": "user", "content": text}] if chat else text
-        rows.append({"prompt": prompt, "key": k, "tag": f"tag-{k}"})
+        # Columns named as the reward's own arguments are not passed on: the generated completions and ids are.
+        rows.append({"prompt": prompt, "key": k, "tag": f"tag-{k}", "completions": "junk", "completion_ids": "junk"})
     return rows
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rlhf.config import GenerationConfig
-from rlhf.rewards import Samples, score_samples
+from rlhf.rewards import RESERVED, Samples, score_samples
 from rlhf.rl.policy import Policy
 from rlhf.rl.prompts import left_pad, pad_left, pad_right
 from rlhf.rl.telemetry import Timer
@@ -127,7 +127,9 @@ def collect(
         completions=response_texts,
         texts=[p + r for p, r in zip(prompt_texts, response_texts)],
         completion_ids=[r[m.bool()].tolist() for r, m in zip(response, rmask)],
-        columns={k: [row[k] for row in rows] for k in rows[0] if k != prompt_column} if rows else {},
+        columns={k: [row[k] for row in rows] for k in rows[0] if k != prompt_column and k not in RESERVED}
+        if rows
+        else {},
         input_ids=torch.cat([query, response], 1),
         attention_mask=torch.cat([qmask, rmask], 1),
     )

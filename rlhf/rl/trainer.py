@@ -19,7 +19,7 @@ from rlhf.data import load_splits, load_texts
 from rlhf.diversity import distinct_n
 from rlhf.errors import UserError
 from rlhf.io import trim_jsonl
-from rlhf.rewards import Judged, load_reward, load_spec
+from rlhf.rewards import RESERVED, Judged, load_reward, load_spec
 from rlhf.rl import checkpoint
 from rlhf.rl.evaluate import evaluate
 from rlhf.rl.parallel import Parallel
@@ -227,10 +227,11 @@ class RLTrainer(ABC):
                 if too_long
                 else ""
             )
+            passed = [c for c in self.prompts.columns if c != column and c not in RESERVED]
             print(
                 f"{name}: prompts from column '{column}' of {source.dataset} ({kind}): {len(self.prompts)} to train "
                 f"on, {len(self.eval_prompts)} held out ({self.eval_source}){cut}; the reward also receives "
-                f"{', '.join(c for c in self.prompts.columns if c != column) or 'no other column'}",
+                f"{', '.join(passed) or 'no other column'}",
                 file=self.out,
             )
 
