@@ -38,7 +38,7 @@ def test_exit_3_when_it_does_not_fit_and_the_json_says_why(capsys):
     code, data = _budget_json(capsys, "--model", "gpt-neox-20b", "--step", "ppo", "--gpu", "24GiB")
     assert code == 0 and data["fits"] is True and data["suggestions"] == []
     code, data = _budget_json(capsys, "--model", "gpt-neox-20b", "--step", "all", "--gpu", "12GiB")
-    assert code == 3 and [d["step"] for d in data] == ["sft", "merge", "reward", "ppo", "grpo"]
+    assert code == 3 and [d["step"] for d in data] == ["sft", "merge", "reward", "ppo", "grpo", "dpo"]
     budget_help = build_parser()._subparsers._group_actions[0].choices["budget"].format_help()
     assert "3 a step does not fit" in budget_help.replace("\n", " ")
 
