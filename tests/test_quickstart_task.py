@@ -10,7 +10,8 @@ from conftest import cli
 from rlhf.io import read_jsonl
 
 # Held-out accuracy (sampled at the step's settings) RL must add. Measured on 256 test prompts, 2026-12-07: GRPO
-# 0.46 -> 0.75 (the bar: +0.25), PPO 0.46 -> 0.79, +0.20 to +0.33 over 3 seeds (docs/benchmarks.md, "The arithmetic task").
+# 0.46 -> 0.75 (the bar: +0.25), PPO 0.46 -> 0.79, +0.20 to +0.33 over 3 seeds
+# (docs/benchmarks.md, "The arithmetic task").
 GRPO_GAIN = 0.25
 PPO_GAIN = 0.1
 
