@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,11 +19,10 @@ from rlhf import modeling
 from rlhf.config import Recipe
 from rlhf.diversity import collapse_warning
 from rlhf.dpo.trainer import DpoTrainer
-from rlhf.errors import UserError
-from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
-from rlhf.rl import checkpoint
+from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text
+from rlhf.rl import pairs
 from rlhf.rl.step import train_interruptibly
-from rlhf.runs import Run, merged_run_recipe
+from rlhf.runs import Run
 
 PAIR_KEYS = ("accuracy", "margin_mean", "chosen_reward", "rejected_reward", "loss", "kl_proxy", "likelihood_accuracy")
 
@@ -38,73 +35,13 @@ class DpoResult:
     eval: dict
 
 
-def prepare(recipe: Recipe, run: Run, resume: bool, force: bool) -> Recipe:
-    trained = merged_run_recipe(run, recipe)
-    directory = run.dpo_dir
-    # eval_before.json too: a run killed after its first evaluation and before its first step can be resumed.
-    outputs = ("metrics.jsonl", "checkpoints", "eval.json", "eval_before.json")
-    has_dpo = any((directory / name).exists() for name in outputs)
-    if resume and not has_dpo:
-        raise UserError(f"--resume: no DPO training in {directory}; run without --resume")
-    if has_dpo and not resume and not force:
-        raise UserError(
-            f"{run.root} already holds a DPO run; pass --resume to continue it, --force to train it again, or use "
-            f"another --run"
-        )
-    # DPO takes its own section from the recipe given; model, LoRA, data, SFT and the other steps stay as they were.
-    return trained.model_copy(update={"dpo": recipe.dpo, "budget": recipe.budget})
-
-
-def check_resume_settings(trainer: DpoTrainer, state: dict, force: bool) -> None:
-    saved = state.get("settings")
-    if saved is None or force:
-        return
-    current = trainer.settings()
-    changes = checkpoint.changed_settings(saved["dpo"], current["dpo"], "dpo")
-    if saved.get("total_steps") != current["total_steps"] and trainer.cfg.lr_scheduler == "linear":
-        changes.append(f"total steps (the linear schedule): {saved.get('total_steps')} -> {current['total_steps']}")
-    if changes:
-        raise UserError(
-            f"--resume would change DPO's settings ({'; '.join(changes)}); resume with the settings it was started "
-            f"with, or pass --force to continue with the new ones"
-        )
-
-
 def evaluate(trainer: DpoTrainer) -> dict:
     return {"pairs": trainer.evaluate_pairs(), "generations": trainer.evaluate_generations()}
 
 
 def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu: str | None = None) -> DpoResult:
-    from rlhf import budget
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("rlhf dpo runs in one process; start it without accelerate launch / torchrun")
-    recipe = prepare(recipe, run, resume, force)
+    recipe, trainer = pairs.start(DpoTrainer, recipe, run, "dpo", "dpo", "DPO", resume, force, gpu)
     cfg = recipe.dpo
-    if cfg.optimizer == "adamw_8bit":
-        modeling.require_bitsandbytes("dpo.optimizer=adamw_8bit", "dpo.optimizer=adamw")
-    budget.preflight(recipe, "dpo", gpu=gpu, force=force)
-    restart = resume and not checkpoint.saved_steps(run.dpo_checkpoints)
-    if restart:
-        resume = False
-        print(f"dpo: warning: no checkpoint in {run.dpo_checkpoints} yet; starting from step 0", file=sys.stderr)
-
-    trainer = DpoTrainer(recipe, run)
-    trainer.setup()
-    if resume:
-        check_resume_settings(trainer, trainer.load_checkpoint(), force)
-    # Only now, with the data, model and checkpoint known to work, does the run directory change.
-    run.write_recipe(recipe, "dpo")
-    if not resume:
-        shutil.rmtree(run.dpo_checkpoints, ignore_errors=True)
-        for name in ("metrics.jsonl", "eval.json", "eval_before.json"):
-            (run.dpo_dir / name).unlink(missing_ok=True)
-    else:
-        trim_jsonl(trainer.log.metrics_path, trainer.step)
-        print(f"dpo: resumed at step {trainer.step}", file=sys.stderr)
-    print(f"dpo: {trainer.preferences.summary()}", file=sys.stderr)
-    for warning in trainer.preferences.warnings:
-        print(f"dpo: warning: {warning}", file=sys.stderr)
     trainable, total = modeling.count_parameters(trainer.model)
     print(
         f"dpo: LoRA r={cfg.lora.rank} on {recipe.model.quantization} merged model (reference: the adapter disabled): "

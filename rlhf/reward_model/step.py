@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,15 +20,14 @@ from safetensors.torch import save_file
 
 from rlhf import modeling
 from rlhf.config import Recipe
-from rlhf.errors import UserError
-from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text, trim_jsonl
+from rlhf.io import atomic_dir, atomic_write_json, atomic_write_text
 from rlhf.reward_model.loss import pair_stats
 from rlhf.reward_model.trainer import RewardTrainer
-from rlhf.rl import checkpoint
+from rlhf.rl import pairs
 from rlhf.rl.reward import base_fingerprint
 from rlhf.rl.reward_files import INFO, SCORE_HEAD
 from rlhf.rl.step import train_interruptibly
-from rlhf.runs import Run, merged_run_recipe
+from rlhf.runs import Run
 
 EVAL_KEYS = ("accuracy", "margin_mean", "chosen_mean", "rejected_mean", "loss")
 N_SAMPLES = 4
@@ -44,68 +41,11 @@ class RewardResult:
     eval: dict
 
 
-def prepare(recipe: Recipe, run: Run, resume: bool, force: bool) -> Recipe:
-    trained = merged_run_recipe(run, recipe)
-    has_reward = any(
-        p.exists() for p in (run.reward_dir / "metrics.jsonl", run.reward_checkpoints, run.reward_dir / "eval.json")
-    )
-    if resume and not has_reward:
-        raise UserError(f"--resume: no reward model training in {run.reward_dir}; run without --resume")
-    if has_reward and not resume and not force:
-        raise UserError(
-            f"{run.root} already holds a reward model; pass --resume to continue it, --force to train it again, "
-            f"or use another --run"
-        )
-    # The reward model takes its own section from the recipe given; model, LoRA, data, SFT and PPO stay as they were.
-    return trained.model_copy(update={"reward_model": recipe.reward_model, "budget": recipe.budget})
-
-
-def check_resume_settings(trainer: RewardTrainer, state: dict, force: bool) -> None:
-    saved = state.get("settings")
-    if saved is None or force:
-        return
-    current = trainer.settings()
-    changes = checkpoint.changed_settings(saved["reward_model"], current["reward_model"], "reward_model")
-    if saved.get("total_steps") != current["total_steps"] and trainer.cfg.lr_scheduler == "linear":
-        changes.append(f"total steps (the linear schedule): {saved.get('total_steps')} -> {current['total_steps']}")
-    if changes:
-        raise UserError(
-            f"--resume would change the reward model's settings ({'; '.join(changes)}); resume with the settings it "
-            f"was started with, or pass --force to continue with the new ones"
-        )
-
-
 def run(recipe: Recipe, run: Run, resume: bool = False, force: bool = False, gpu: str | None = None) -> RewardResult:
-    from rlhf import budget
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("rlhf reward runs in one process; start it without accelerate launch / torchrun")
-    recipe = prepare(recipe, run, resume, force)
+    recipe, trainer = pairs.start(
+        RewardTrainer, recipe, run, "reward", "reward_model", "reward model", resume, force, gpu
+    )
     cfg = recipe.reward_model
-    if cfg.optimizer == "adamw_8bit":
-        modeling.require_bitsandbytes("reward_model.optimizer=adamw_8bit", "reward_model.optimizer=adamw")
-    budget.preflight(recipe, "reward", gpu=gpu, force=force)
-    restart = resume and not checkpoint.saved_steps(run.reward_checkpoints)
-    if restart:
-        resume = False
-        print(f"reward: warning: no checkpoint in {run.reward_checkpoints} yet; starting from step 0", file=sys.stderr)
-
-    trainer = RewardTrainer(recipe, run)
-    trainer.setup()
-    if resume:
-        check_resume_settings(trainer, trainer.load_checkpoint(), force)
-    # Only now, with the data, model and checkpoint known to work, does the run directory change.
-    run.write_recipe(recipe, "reward")
-    if not resume:
-        shutil.rmtree(run.reward_checkpoints, ignore_errors=True)
-        for name in ("metrics.jsonl", "eval.json", "eval_before.json"):
-            (run.reward_dir / name).unlink(missing_ok=True)
-    else:
-        trim_jsonl(trainer.log.metrics_path, trainer.step)
-        print(f"reward: resumed at step {trainer.step}", file=sys.stderr)
-    print(f"reward: {trainer.preferences.summary()}", file=sys.stderr)
-    for warning in trainer.preferences.warnings:
-        print(f"reward: warning: {warning}", file=sys.stderr)
     trainable, total = modeling.count_parameters(trainer.model)
     print(
         f"reward: LoRA r={cfg.lora.rank} + score head on {recipe.model.quantization} merged model: "
