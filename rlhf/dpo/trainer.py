@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from rlhf import modeling
+from rlhf.chat import set_chat_template
 from rlhf.config import Recipe
 from rlhf.data import load_texts
 from rlhf.dpo.data import PreferencePairs, load_pairs
@@ -49,6 +50,7 @@ class DpoTrainer:
         cfg = self.cfg
         merged = self.run.merged
         self.tokenizer = modeling.load_tokenizer(merged, self.recipe.model.trust_remote_code)
+        set_chat_template(self.tokenizer, self.recipe.model.chat_template)  # chat pairs: the run's own template
         # The data first: a bad pair fails in seconds, before the model loads.
         self.train_pairs, self.eval_pairs, self.preferences = load_pairs(cfg, self.tokenizer)
         if not len(self.eval_pairs):
