@@ -362,8 +362,13 @@ def test_a_real_chat_model_answers_through_its_own_template(tmp_path):
     ), sample["prompt"]
 
 
-def test_reward_model_learns_from_chat_pairs_with_the_runs_chat_template(merged_run, copy_run, tmp_path):
-    """`rlhf reward` on conversational preference pairs renders them with the run's model.chat_template."""
+@pytest.mark.parametrize(
+    "step, section, extra", [("reward", "reward_model", ()), ("dpo", "dpo", ("dpo.judge=",))], ids=["reward", "dpo"]
+)
+def test_pair_steps_learn_from_chat_pairs_with_the_runs_chat_template(
+    merged_run, copy_run, tmp_path, step, section, extra
+):
+    """`rlhf reward` and `rlhf dpo` render conversational preference pairs with the run's model.chat_template."""
     from rlhf.runs import Run
 
     run = copy_run(merged_run)
@@ -377,26 +382,7 @@ def test_reward_model_learns_from_chat_pairs_with_the_runs_chat_template(merged_
         for i in range(12)
     ]  # fmt: skip
     data = _write(tmp_path / "pairs", {"train": pairs[:8], "test": pairs[8:]})
-    assert cli("reward", "--run", run, "--dataset", data, "reward_model.max_steps=1", "reward_model.batch_size=2",
-               "reward_model.gradient_accumulation_steps=1", "reward_model.eval_pairs=4") == 0  # fmt: skip
-    assert json.loads((run / "reward/eval.json").read_text())["n_pairs"] == 4
-
-
-def test_dpo_learns_from_chat_pairs_with_the_runs_chat_template(merged_run, copy_run, tmp_path):
-    """`rlhf dpo` renders conversational preference pairs with the run's model.chat_template, as `rlhf reward`."""
-    from rlhf.runs import Run
-
-    run = copy_run(merged_run)
-    recipe = Run(run).load_recipe()
-    chat = recipe.model.model_copy(update={"chat_template": CHAT_TEMPLATE})
-    Run(run).write_recipe(recipe.model_copy(update={"model": chat}))
-    pairs = [
-        {"prompt": [{"role": "user", "content": f"Review film {i}."}],
-         "chosen": [{"role": "assistant", "content": "A wonderful film."}],
-         "rejected": [{"role": "assistant", "content": "An awful film."}]}
-        for i in range(12)
-    ]  # fmt: skip
-    data = _write(tmp_path / "pairs", {"train": pairs[:8], "test": pairs[8:]})
-    assert cli("dpo", "--run", run, "--dataset", data, "dpo.max_steps=1", "dpo.batch_size=2",
-               "dpo.gradient_accumulation_steps=1", "dpo.eval_pairs=4", "dpo.judge=") == 0  # fmt: skip
-    assert json.loads((run / "dpo/eval.json").read_text())["n_pairs"] == 4
+    settings = [f"{section}.{key}" for key in ("max_steps=1", "batch_size=2", "gradient_accumulation_steps=1",
+                                                 "eval_pairs=4")]  # fmt: skip
+    assert cli(step, "--run", run, "--dataset", data, *settings, *extra) == 0
+    assert json.loads((run / step / "eval.json").read_text())["n_pairs"] == 4
