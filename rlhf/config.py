@@ -334,6 +334,9 @@ class RewardModelConfig(Section):
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     max_pairs: int | None = Field(None, ge=1, description="train on only the first N pairs")
+    skip_identical_pairs: bool = Field(
+        False, description="leave out pairs whose chosen and rejected answers are the same (default: refuse them)"
+    )
     eval_pairs: int = Field(500, ge=1, description="held-out pairs scored before and after training")
     max_length: int = Field(512, ge=8, description="tokens per side; longer pairs are left out (counted)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -369,6 +372,9 @@ class DpoConfig(Section):
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     max_pairs: int | None = Field(None, ge=1, description="train on only the first N pairs")
+    skip_identical_pairs: bool = Field(
+        False, description="leave out pairs whose chosen and rejected answers are the same (default: refuse them)"
+    )
     eval_pairs: int = Field(500, ge=1, description="held-out pairs measured before and after training")
     max_length: int = Field(512, ge=8, description="tokens per side (prompt + answer); longer pairs are left out")
     max_prompt_length: int | None = Field(

@@ -145,6 +145,15 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
             )
     explicit = prompt_col in columns
     prompts = ds[prompt_col] if explicit else [None] * len(ds)
+    same = [i for i, (c, r) in enumerate(zip(ds[chosen_col], ds[rejected_col])) if c and c == r]
+    if same and not _setting(cfg, "skip_identical_pairs", False):
+        # A pair with nothing to prefer teaches nothing (its loss is log 2 whatever the model does) and usually means a
+        # column mix-up, so it is refused rather than dropped in silence; dropping is one setting away.
+        raise UserError(
+            f"preference data '{dataset}' split '{split}' row {same[0]}: chosen and rejected are the same answer "
+            f"({len(same)} of {len(ds)} rows), so there is nothing to prefer; remove those rows, or set "
+            f"{section}.skip_identical_pairs=true to leave them out"
+        )
     pairs, n_same, n_repeat, n_repeat_long, n_glued, chat = [], 0, 0, 0, 0, False
     for i, (prompt, chosen, rejected) in enumerate(zip(prompts, ds[chosen_col], ds[rejected_col])):
         where = f"preference data '{dataset}' split '{split}' row {i}"
@@ -158,8 +167,8 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
         if explicit:
             _check_value(prompt, where, prompt_col)
         example = {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if explicit else {})
-        if chosen == rejected:
-            n_same += 1  # nothing to prefer; TRL's prompt extraction would also take the whole text as the prompt
+        if chosen == rejected:  # skip_identical_pairs (else refused above)
+            n_same += 1
             continue
         repeats = explicit and _repeats(prompt, chosen, rejected)
         n_repeat += repeats
@@ -177,7 +186,10 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
         pairs.append(pair)
     n = len(ds)
     if n_same:
-        warnings.append(f"{n_same} of {n} pairs in split '{split}' have chosen == rejected and are left out")
+        warnings.append(
+            f"{n_same} of {n} pairs in split '{split}' have chosen == rejected and are left out "
+            f"({section}.skip_identical_pairs)"
+        )
     # A prompt of two words ("It is") can begin an answer by chance; a long one, or many pairs, is the mistake.
     if n_repeat_long or n_repeat >= 0.05 * n:
         warnings.append(

@@ -287,7 +287,12 @@ def test_killed_and_resumed_equals_uninterrupted(merged_run, copy_run, tmp_path)
     [
         ([{"prompt": "It was", "preferred": " great", "rejected": " bad"}], "no column 'chosen'"),
         ([{"chosen": "It was great", "rejected": "It was bad"}, {"chosen": "It was fine", "rejected": ""}], "empty"),
-        ([{"prompt": "It was", "chosen": " fine", "rejected": " fine"}], "same chosen and rejected"),
+        (
+            [{"prompt": "It was", "chosen": " great", "rejected": " bad"}, {"prompt": "It was", "chosen": " fine",
+              "rejected": " fine"}],
+            "row 1: chosen and rejected are the same answer (3 of 6 rows), so there is nothing to prefer; remove those "
+            "rows, or set dpo.skip_identical_pairs=true",
+        ),
     ],
     ids=["missing-chosen-column", "empty-side", "identical-sides"],
 )  # fmt: skip

@@ -86,7 +86,12 @@ def test_suspicious_pairs_are_warned_about(tmp_path, tokenizer):
         {"prompt": "It was", "chosen": " fine.", "rejected": " fine."},  # nothing to prefer
         {"prompt": "It was", "chosen": " good.", "rejected": " poor."},
     ]
-    prefs = load_preferences(_cfg(_write(tmp_path / "w.jsonl", rows)), "reward_model", tokenizer)
+    path = _write(tmp_path / "w.jsonl", rows)
+    # A pair with nothing to prefer is refused, naming the row and the setting that leaves such pairs out.
+    refused = r"split 'train' row 2: chosen and rejected are the same answer \(1 of 4 rows\).*skip_identical_pairs=true"
+    with pytest.raises(UserError, match=refused):
+        load_preferences(_cfg(path), "reward_model", tokenizer)
+    prefs = load_preferences(_cfg(path, skip_identical_pairs=True), "reward_model", tokenizer)
     text = " | ".join(prefs.warnings)
     assert "1 of 4 pairs in split 'train' have completions that begin with their prompt" in text
     assert "1 of 4 pairs in split 'train' join prompt and answer with no space" in text
