@@ -310,12 +310,15 @@ def _task_rows(ev: dict) -> list[tuple[str, str]]:
     """(row label, eval.json key without _before/_after) of a task reward: its accuracy, sampled and greedy, then each
     reward of the spec on its own, sampled and greedy."""
     rows = []
-    if "accuracy_before" in ev:
-        rows += [(f"accuracy (`{ev.get('accuracy_reward')}`, sampled)", "accuracy"),
-                 (f"accuracy (`{ev.get('accuracy_reward')}`, greedy)", "accuracy_greedy")]  # fmt: skip
+    # Only a task reward names its accuracy: DPO's eval.json also has accuracy_* (of its held-out pairs), a row of
+    # its own pairs section.
+    if "accuracy_before" in ev and ev.get("accuracy_reward"):
+        rows += [(f"accuracy (`{ev['accuracy_reward']}`, sampled)", "accuracy"),
+                 (f"accuracy (`{ev['accuracy_reward']}`, greedy)", "accuracy_greedy")]  # fmt: skip
     for key in ev:
+        # reward_NAME_before: one reward of a spec; reward_before (the total) and reward_greedy_before are rows above
         name = key.removeprefix("reward_").removesuffix("_before")
-        if key.startswith("reward_") and key.endswith("_before") and name not in ("greedy",):
+        if key.startswith("reward_") and key.endswith("_before") and name not in ("", "before", "greedy"):
             kind = "greedy" if name.endswith("_greedy") else "sampled"
             rows.append((f"reward `{name.removesuffix('_greedy')}` ({kind})", f"reward_{name}"))
     return rows
@@ -549,8 +552,8 @@ def _samples_section(ev: dict | None, step: str = "ppo") -> list[str]:
     if not before and not after:
         return out + [f"_No samples: {step}/eval.json is missing or holds no samples._", ""]
     out.append(
-        f"The same held-out prompts, sampled with the same seed, before and after {label}; reward = the reward "
-        "model's score of prompt + response."
+        f"The same held-out prompts, sampled with the same seed, before and after {label}; reward = the "
+        f"{'judge' if step == 'dpo' else 'reward'}'s score of prompt + response."
     )
     out.append("")
     rows = []

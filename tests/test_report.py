@@ -140,6 +140,7 @@ def test_full_run_gets_tables_and_every_plot(full_run):
         assert f"]({name})" in text  # embedded with a relative link
         assert_png(full_run / name)
     assert "Not drawn" not in text
+    assert "reward `before`" not in text, "the total reward is the first row, not one reward of a spec"
     # generations: the same prompt before and after, pipes and newlines escaped so each sample stays one table row
     assert "| 1 | This film \\| that film | was dull\\|0 | -1.50 | was a delight<br>0 | +3.25 |" in text
     assert "| 2 | So I<br>finally saw |" in text
@@ -348,3 +349,19 @@ def test_an_sft_loss_above_uniform_guessing_gets_a_hint(tmp_path):
     assert "**SFT loss 1.42 is above ln(vocabulary) = 1.10" in write_report(Run(root)).read_text()
     (root / "merged/config.json").write_text('{"vocab_size": 2048}')
     assert "above ln(vocabulary)" not in write_report(Run(root)).read_text()
+
+
+def test_dpo_run_gets_its_pairs_and_judged_generations_without_task_rows(tmp_path):
+    root = tmp_path / "dpo"
+    write_sft(root)
+    # dpo/eval.json's accuracy_* are its held-out pairs' (no task reward): a row of the pairs table only
+    write_ppo(root, step_dir="dpo", accuracy_before=0.0, accuracy_after=0.93, n_pairs=937, judge="quickstart-sentiment")
+    for step in (1, 2):
+        append_jsonl(root / "dpo/metrics.jsonl", {"step": step, "loss": 0.6 / step, "accuracy": 0.5 * step})
+
+    text = write_report(Run(root)).read_text()
+
+    assert "| preference accuracy (chosen's implicit reward higher) | 0.000 | 0.930 | +0.930 |" in text
+    assert "| positive rate | 0.38 | 0.88 | +0.50 |" in text and "_Judged by `quickstart-sentiment`._" in text
+    assert "accuracy (`" not in text and "reward `" not in text, "no task-reward rows in a DPO report"
+    assert "reward = the judge's score of prompt + response" in text
