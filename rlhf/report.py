@@ -459,7 +459,7 @@ def _dpo_section(run: Run) -> list[str]:
         out += [
             f"_Held-out pairs from `{ev.get('eval_split', '?')}`; {ev.get('steps', '?')} steps on "
             f"{ev.get('train_pairs', '?')} training pairs, {ev.get('loss_type', '?')} loss, beta "
-            f"{ev.get('beta', '?')}; "
+            f"{ev.get('beta', '?')}{f', label smoothing {ls}' if (ls := ev.get('label_smoothing')) else ''}; "
             f"implicit reward = beta x (log pi - log pi_ref) of the answer, all 0 before training (the policy is the "
             f"reference), so the accuracy starts at 0: ties order nothing._",
             "",

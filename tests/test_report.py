@@ -355,7 +355,8 @@ def test_dpo_run_gets_its_pairs_and_judged_generations_without_task_rows(tmp_pat
     root = tmp_path / "dpo"
     write_sft(root)
     # dpo/eval.json's accuracy_* are its held-out pairs' (no task reward): a row of the pairs table only
-    write_ppo(root, step_dir="dpo", accuracy_before=0.0, accuracy_after=0.93, n_pairs=937, judge="quickstart-sentiment")
+    write_ppo(root, step_dir="dpo", accuracy_before=0.0, accuracy_after=0.93, n_pairs=937, judge="quickstart-sentiment",
+              loss_type="sigmoid", beta=0.5, label_smoothing=0.1)  # fmt: skip
     for step in (1, 2):
         append_jsonl(root / "dpo/metrics.jsonl", {"step": step, "loss": 0.6 / step, "accuracy": 0.5 * step})
 
@@ -365,3 +366,4 @@ def test_dpo_run_gets_its_pairs_and_judged_generations_without_task_rows(tmp_pat
     assert "| positive rate | 0.38 | 0.88 | +0.50 |" in text and "_Judged by `quickstart-sentiment`._" in text
     assert "accuracy (`" not in text and "reward `" not in text, "no task-reward rows in a DPO report"
     assert "reward = the judge's score of prompt + response" in text
+    assert "sigmoid loss, beta 0.5, label smoothing 0.1;" in text

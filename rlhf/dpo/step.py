@@ -107,6 +107,7 @@ def summary(before: dict, after: dict, trainer: DpoTrainer) -> dict:
         "steps": trainer.step,
         "loss_type": trainer.cfg.loss_type,
         "beta": trainer.cfg.beta,
+        "label_smoothing": trainer.cfg.label_smoothing,
     }
     gen_before, gen_after = before["generations"], after["generations"]
     if gen_after:
