@@ -321,8 +321,9 @@ class RewardConfig(Section):
     )
 
 
-class RewardModelConfig(Section):
-    """`rlhf reward`: a reward model learned from preference pairs, a LoRA adapter + score head on the merged model."""
+class PreferenceData(Section):
+    """Preference pairs as `rlhf.preferences` reads them, shared by `rlhf reward` and `rlhf dpo` (its fields come
+    first in both sections)."""
 
     dataset: str = Field(
         "Anthropic/hh-rlhf", min_length=1, description="preference pairs: hub id, local file or dir, or fixture:NAME"
@@ -330,14 +331,23 @@ class RewardModelConfig(Section):
     config_name: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
-    prompt_column: str = Field("prompt", description="optional: when present, each side is prompt + answer")
+    prompt_column: str = Field(
+        "prompt",
+        description="optional: when present, each side is prompt + answer; without it the pair's shared "
+        "beginning is the prompt",
+    )
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     max_pairs: int | None = Field(None, ge=1, description="train on only the first N pairs")
     skip_identical_pairs: bool = Field(
         False, description="leave out pairs whose chosen and rejected answers are the same (default: refuse them)"
     )
-    eval_pairs: int = Field(500, ge=1, description="held-out pairs scored before and after training")
+    eval_pairs: int = Field(500, ge=1, description="held-out pairs measured before and after training")
+
+
+class RewardModelConfig(PreferenceData):
+    """`rlhf reward`: a reward model learned from preference pairs, a LoRA adapter + score head on the merged model."""
+
     max_length: int = Field(512, ge=8, description="tokens per side; longer pairs are left out (counted)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # 2 pairs = 4 x 512 tokens a forward: gpt-neox-20b's activations then fit 24 GiB beside its 8-bit weights.
@@ -358,24 +368,10 @@ class RewardModelConfig(Section):
     seed: int = 0
 
 
-class DpoConfig(Section):
+class DpoConfig(PreferenceData):
     """`rlhf dpo`: direct preference optimisation after merge, a new LoRA on the merged model trained on preference
     pairs; the reference is the same model with that adapter disabled. No reward model, no sampling in the loop."""
 
-    dataset: str = Field(
-        "Anthropic/hh-rlhf", min_length=1, description="preference pairs: hub id, local file or dir, or fixture:NAME"
-    )
-    config_name: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    prompt_column: str = Field("prompt", description="optional: without it the pair's shared beginning is the prompt")
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    max_pairs: int | None = Field(None, ge=1, description="train on only the first N pairs")
-    skip_identical_pairs: bool = Field(
-        False, description="leave out pairs whose chosen and rejected answers are the same (default: refuse them)"
-    )
-    eval_pairs: int = Field(500, ge=1, description="held-out pairs measured before and after training")
     max_length: int = Field(512, ge=8, description="tokens per side (prompt + answer); longer pairs are left out")
     max_prompt_length: int | None = Field(
         None, ge=1, description="keep only the last N tokens of a longer prompt (None: the whole prompt)"
