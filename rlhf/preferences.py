@@ -145,16 +145,16 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
             )
     explicit = prompt_col in columns
     prompts = ds[prompt_col] if explicit else [None] * len(ds)
-    same = [i for i, (c, r) in enumerate(zip(ds[chosen_col], ds[rejected_col])) if c and c == r]
+    same = {i for i, (c, r) in enumerate(zip(ds[chosen_col], ds[rejected_col])) if c and c == r}
     if same and not _setting(cfg, "skip_identical_pairs", False):
         # A pair with nothing to prefer teaches nothing (its loss is log 2 whatever the model does) and usually means a
         # column mix-up, so it is refused rather than dropped in silence; dropping is one setting away.
         raise UserError(
-            f"preference data '{dataset}' split '{split}' row {same[0]}: chosen and rejected are the same answer "
+            f"preference data '{dataset}' split '{split}' row {min(same)}: chosen and rejected are the same answer "
             f"({len(same)} of {len(ds)} rows), so there is nothing to prefer; remove those rows, or set "
             f"{section}.skip_identical_pairs=true to leave them out"
         )
-    pairs, n_same, n_repeat, n_repeat_long, n_glued, chat = [], 0, 0, 0, 0, False
+    pairs, n_repeat, n_repeat_long, n_glued, chat = [], 0, 0, 0, False
     for i, (prompt, chosen, rejected) in enumerate(zip(prompts, ds[chosen_col], ds[rejected_col])):
         where = f"preference data '{dataset}' split '{split}' row {i}"
         for value, column in ((chosen, chosen_col), (rejected, rejected_col)):
@@ -167,8 +167,7 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
         if explicit:
             _check_value(prompt, where, prompt_col)
         example = {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if explicit else {})
-        if chosen == rejected:  # skip_identical_pairs (else refused above)
-            n_same += 1
+        if i in same:  # skip_identical_pairs (else refused above)
             continue
         repeats = explicit and _repeats(prompt, chosen, rejected)
         n_repeat += repeats
@@ -185,9 +184,9 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
         n_glued += not repeats and (_glued(pair.prompt, pair.chosen) or _glued(pair.prompt, pair.rejected))
         pairs.append(pair)
     n = len(ds)
-    if n_same:
+    if same:
         warnings.append(
-            f"{n_same} of {n} pairs in split '{split}' have chosen == rejected and are left out "
+            f"{len(same)} of {n} pairs in split '{split}' have chosen == rejected and are left out "
             f"({section}.skip_identical_pairs)"
         )
     # A prompt of two words ("It is") can begin an answer by chance; a long one, or many pairs, is the mistake.
@@ -204,8 +203,8 @@ def _pairs(cfg: Any, section: str, ds, split: str, tokenizer, warnings: list[str
             f"with a space"
         )
     if not pairs:
-        same = f", {n_same} of them with the same chosen and rejected answer" if n_same else ""
-        raise UserError(f"preference data '{dataset}' split '{split}' has no usable pair ({n} rows{same})")
+        identical = f", {len(same)} of them with the same chosen and rejected answer" if same else ""
+        raise UserError(f"preference data '{dataset}' split '{split}' has no usable pair ({n} rows{identical})")
     form = "explicit prompt" if explicit else "implicit prompt (the shared prefix of chosen and rejected)"
     return pairs, form + (", chat messages rendered with the chat template" if chat else "")
 
